@@ -1,0 +1,171 @@
+// modelbatch::adam_step on the CPU: Adam / AdamW for N models in one call, each
+// model with its own lr, betas, eps, weight decay, amsgrad flag and step count.
+//
+// Per element it follows torch.optim.Adam's single-tensor path operation by
+// operation (lerp for the first moment, mul + addcmul for the second, bias
+// corrections per model in double), so a batched run reproduces N separate
+// torch.optim runs to float rounding.
+#include "multi_tensor.h"
+
+#include <torch/library.h>
+
+#include <cmath>
+
+namespace modelbatch {
+namespace {
+
+template <typename opmath_t>
+struct AdamScalars {
+  opmath_t step_size;        // lr / (1 - beta1^t)
+  opmath_t bc2_sqrt;         // sqrt(1 - beta2^t)
+  opmath_t lerp_w;           // 1 - beta1
+  opmath_t beta2;
+  opmath_t one_minus_beta2;  // 1 - beta2
+  opmath_t eps;
+  opmath_t weight_decay;     // coupled (Adam) L2 term
+  opmath_t decay_mul;        // decoupled (AdamW): 1 - lr * weight_decay
+  bool amsgrad;
+  bool decoupled;
+};
+
+template <typename scalar_t, typename opmath_t, bool AMSGRAD, bool DECOUPLED>
+inline __attribute__((always_inline)) void adam_body(scalar_t* __restrict p,
+                                                     const scalar_t* __restrict g,
+                                                     scalar_t* __restrict m,
+                                                     scalar_t* __restrict v,
+                                                     scalar_t* __restrict vmax, int64_t n,
+                                                     const AdamScalars<opmath_t>& s) {
+  const opmath_t w = s.lerp_w;
+  for (int64_t j = 0; j < n; ++j) {
+    opmath_t pj = static_cast<opmath_t>(p[j]);
+    opmath_t gj = static_cast<opmath_t>(g[j]);
+    if (DECOUPLED) {
+      pj = pj * s.decay_mul;
+    } else {
+      gj = gj + s.weight_decay * pj;
+    }
+    opmath_t mj = static_cast<opmath_t>(m[j]);
+    // torch.lerp's two-branch formula, so the first moment rounds as torch's does.
+    mj = (w < opmath_t(0.5)) ? mj + w * (gj - mj) : gj - (gj - mj) * (opmath_t(1) - w);
+    opmath_t vj = static_cast<opmath_t>(v[j]) * s.beta2;
+    vj = vj + s.one_minus_beta2 * gj * gj;
+    opmath_t denom_src = vj;
+    if (AMSGRAD) {
+      opmath_t vm = static_cast<opmath_t>(vmax[j]);
+      vm = vm > vj ? vm : vj;
+      vmax[j] = static_cast<scalar_t>(vm);
+      denom_src = vm;
+    }
+    const opmath_t denom = std::sqrt(denom_src) / s.bc2_sqrt + s.eps;
+    pj = pj + (-s.step_size) * (mj / denom);
+    p[j] = static_cast<scalar_t>(pj);
+    m[j] = static_cast<scalar_t>(mj);
+    v[j] = static_cast<scalar_t>(vj);
+  }
+}
+
+template <typename scalar_t, typename opmath_t>
+inline void adam_dispatch(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v,
+                          scalar_t* vmax, int64_t n, const AdamScalars<opmath_t>& s) {
+  if (s.amsgrad) {
+    if (s.decoupled) adam_body<scalar_t, opmath_t, true, true>(p, g, m, v, vmax, n, s);
+    else adam_body<scalar_t, opmath_t, true, false>(p, g, m, v, vmax, n, s);
+  } else {
+    if (s.decoupled) adam_body<scalar_t, opmath_t, false, true>(p, g, m, v, vmax, n, s);
+    else adam_body<scalar_t, opmath_t, false, false>(p, g, m, v, vmax, n, s);
+  }
+}
+
+// float32 is the hot path: compiled once per vector ISA, chosen at load time.
+MB_CLONES void adam_f32(float* p, const float* g, float* m, float* v, float* vmax, int64_t n,
+                        const AdamScalars<float>& s) {
+  adam_dispatch<float, float>(p, g, m, v, vmax, n, s);
+}
+
+template <typename scalar_t, typename opmath_t>
+void adam_segment(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax,
+                  int64_t n, const AdamScalars<opmath_t>& s) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    adam_f32(p, g, m, v, vmax, n, s);
+  } else {
+    adam_dispatch<scalar_t, opmath_t>(p, g, m, v, vmax, n, s);
+  }
+}
+
+void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                   const at::Tensor& steps, const at::Tensor& lr, const at::Tensor& beta1,
+                   const at::Tensor& beta2, const at::Tensor& eps,
+                   const at::Tensor& weight_decay, const at::Tensor& amsgrad,
+                   bool decoupled_weight_decay) {
+  constexpr const char* op = "modelbatch::adam_step";
+  const int64_t n = check_params(params, steps, op);
+  check_like(params, grads, op, "grads", n);
+  check_like(params, exp_avgs, op, "exp_avgs", n);
+  check_like(params, exp_avg_sqs, op, "exp_avg_sqs", n);
+  const auto lr_v = hparam(lr, n, op, "lr");
+  const auto b1_v = hparam(beta1, n, op, "beta1");
+  const auto b2_v = hparam(beta2, n, op, "beta2");
+  const auto eps_v = hparam(eps, n, op, "eps");
+  const auto wd_v = hparam(weight_decay, n, op, "weight_decay");
+  const auto ams_v = hparam(amsgrad, n, op, "amsgrad");
+  bool any_ams = false;
+  for (double a : ams_v) any_ams = any_ams || (a != 0.0);
+  if (any_ams) {
+    check_like(params, max_exp_avg_sqs, op, "max_exp_avg_sqs", n);
+  }
+  TORCH_CHECK(steps.device().is_cpu() && steps.scalar_type() == at::kDouble &&
+                  steps.is_contiguous(),
+              op, ": steps must be a contiguous float64 CPU tensor");
+
+  // The step counter advances first, as torch.optim's does; bias corrections use
+  // the new count, computed in double per model.
+  double* step_ptr = steps.data_ptr<double>();
+  for (int64_t i = 0; i < n; ++i) step_ptr[i] += 1.0;
+  if (params.empty()) return;
+
+  std::vector<int64_t> numels;
+  for (const auto& p : params) numels.push_back(p.numel());
+  const auto segs = make_segments(numels, n);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_step_cpu", [&] {
+        using opmath_t = at::opmath_type<scalar_t>;
+        std::vector<AdamScalars<opmath_t>> sc(n);
+        for (int64_t i = 0; i < n; ++i) {
+          const double t = step_ptr[i];
+          const double bc1 = 1.0 - std::pow(b1_v[i], t);
+          const double bc2 = 1.0 - std::pow(b2_v[i], t);
+          sc[i] = {static_cast<opmath_t>(lr_v[i] / bc1),
+                   static_cast<opmath_t>(std::sqrt(bc2)),
+                   static_cast<opmath_t>(1.0 - b1_v[i]),
+                   static_cast<opmath_t>(b2_v[i]),
+                   static_cast<opmath_t>(1.0 - b2_v[i]),
+                   static_cast<opmath_t>(eps_v[i]),
+                   static_cast<opmath_t>(decoupled_weight_decay ? 0.0 : wd_v[i]),
+                   static_cast<opmath_t>(1.0 - lr_v[i] * wd_v[i]),
+                   ams_v[i] != 0.0,
+                   decoupled_weight_decay};
+        }
+        std::vector<scalar_t*> P, M, V, VM;
+        std::vector<const scalar_t*> G;
+        for (size_t t = 0; t < params.size(); ++t) {
+          P.push_back(params[t].data_ptr<scalar_t>());
+          G.push_back(grads[t].data_ptr<scalar_t>());
+          M.push_back(exp_avgs[t].data_ptr<scalar_t>());
+          V.push_back(exp_avg_sqs[t].data_ptr<scalar_t>());
+          VM.push_back(any_ams ? max_exp_avg_sqs[t].data_ptr<scalar_t>() : nullptr);
+        }
+        for_each_segment(segs, [&](const Segment& s) {
+          const int64_t t = s.tensor, o = s.begin;
+          adam_segment<scalar_t, opmath_t>(P[t] + o, G[t] + o, M[t] + o, V[t] + o,
+                                           VM[t] ? VM[t] + o : nullptr, s.length, sc[s.model]);
+        });
+      });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(modelbatch, CPU, m) { m.impl("adam_step", &adam_step_cpu); }
+
+}  // namespace modelbatch

@@ -1,0 +1,113 @@
+// Helpers shared by the fused per-model optimizer kernels.
+//
+// Every tensor handed to a kernel is a stacked parameter (or its grad or state)
+// of shape [N, ...], contiguous, so model i owns the elements
+// [i * per_model, (i + 1) * per_model). A kernel call covers every tensor of one
+// dtype at once; the work is cut into segments (tensor, model, range) that one
+// at::parallel_for spreads over the intra-op threads.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// One binary, the widest vector unit the running CPU has (resolved at load time).
+#define MB_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MB_CLONES
+#endif
+
+namespace modelbatch {
+
+struct Segment {
+  int64_t tensor;  // index into the tensor lists
+  int64_t model;   // model index in [0, N)
+  int64_t begin;   // element offset into the tensor
+  int64_t length;  // number of elements
+};
+
+// Cut every tensor into per-model segments of at most `max_len` elements.
+inline std::vector<Segment> make_segments(const std::vector<int64_t>& numels, int64_t n_models,
+                                          int64_t max_len = 1 << 16) {
+  std::vector<Segment> segs;
+  for (size_t t = 0; t < numels.size(); ++t) {
+    const int64_t per = numels[t] / n_models;
+    for (int64_t i = 0; i < n_models; ++i) {
+      for (int64_t off = 0; off < per; off += max_len) {
+        segs.push_back({static_cast<int64_t>(t), i, i * per + off, std::min(max_len, per - off)});
+      }
+    }
+  }
+  return segs;
+}
+
+// Run fn(segment) over all segments in parallel, with enough elements per task
+// that threading pays for itself.
+template <typename F>
+inline void for_each_segment(const std::vector<Segment>& segs, F&& fn) {
+  if (segs.empty()) return;
+  int64_t total = 0;
+  for (const auto& s : segs) total += s.length;
+  const int64_t avg = std::max<int64_t>(1, total / static_cast<int64_t>(segs.size()));
+  const int64_t grain = std::max<int64_t>(1, 32768 / avg);
+  at::parallel_for(0, static_cast<int64_t>(segs.size()), grain, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) fn(segs[k]);
+  });
+}
+
+// Validate a list of stacked tensors against the parameters: same count, shape,
+// dtype and device, contiguous, leading model axis of size n_models.
+inline void check_like(const at::TensorList& params, const at::TensorList& other,
+                       const char* op, const char* name, int64_t n_models) {
+  TORCH_CHECK(other.size() == params.size(), op, ": expected ", params.size(), " ", name,
+              " (one per parameter), got ", other.size());
+  for (size_t t = 0; t < params.size(); ++t) {
+    const auto& p = params[t];
+    const auto& o = other[t];
+    TORCH_CHECK(o.sizes() == p.sizes(), op, ": ", name, "[", t, "] has shape ", o.sizes(),
+                ", expected ", p.sizes(), " (the shape of params[", t, "])");
+    TORCH_CHECK(o.scalar_type() == p.scalar_type(), op, ": ", name, "[", t, "] has dtype ",
+                o.scalar_type(), ", expected ", p.scalar_type());
+    TORCH_CHECK(o.device() == p.device(), op, ": ", name, "[", t, "] is on ", o.device(),
+                ", expected ", p.device());
+    TORCH_CHECK(o.is_contiguous(), op, ": ", name, "[", t, "] must be contiguous");
+  }
+  (void)n_models;
+}
+
+inline int64_t check_params(const at::TensorList& params, const at::Tensor& steps,
+                            const char* op) {
+  TORCH_CHECK(steps.dim() == 1, op, ": steps must be a 1-D [N] tensor, got shape ",
+              steps.sizes());
+  const int64_t n = steps.size(0);
+  TORCH_CHECK(n > 0, op, ": steps must have at least one model");
+  for (size_t t = 0; t < params.size(); ++t) {
+    const auto& p = params[t];
+    TORCH_CHECK(p.dim() >= 1 && p.size(0) == n, op, ": params[", t, "] has shape ", p.sizes(),
+                ", expected a stacked tensor [N=", n, ", ...]");
+    TORCH_CHECK(p.is_contiguous(), op, ": params[", t, "] must be contiguous");
+    TORCH_CHECK(p.device().is_cpu(), op, ": the C++ kernel takes CPU tensors, params[", t,
+                "] is on ", p.device());
+    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), op,
+                ": all params of one call share a dtype; params[", t, "] is ", p.scalar_type(),
+                ", params[0] is ", params[0].scalar_type());
+  }
+  return n;
+}
+
+// A per-model hyper-parameter vector as doubles on the CPU.
+inline std::vector<double> hparam(const at::Tensor& t, int64_t n, const char* op,
+                                  const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name,
+              " must be a [N] per-model tensor with N=", n, ", got shape ", t.sizes());
+  auto c = t.to(at::kCPU, at::kDouble).contiguous();
+  const double* d = c.data_ptr<double>();
+  return std::vector<double>(d, d + n);
+}
+
+}  // namespace modelbatch

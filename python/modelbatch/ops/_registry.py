@@ -1,0 +1,29 @@
+"""Registration helpers shared by the op modules."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from modelbatch import _backend
+
+_IMPL = torch.library.Library("modelbatch", "IMPL")
+
+
+def register(name: str, reference: Callable, cuda: Callable) -> None:
+    """Register the fake, CUDA and (when ``_C`` is missing) CPU kernels of ``name``."""
+    torch.library.register_fake(f"modelbatch::{name}")(lambda *args, **kwargs: None)
+    _IMPL.impl(name, cuda, "CUDA")
+    if not _backend.c_extension_loaded():
+        _IMPL.impl(name, reference, "CPU")
+
+
+def model_view(v: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A per-model vector ``[N]`` shaped ``[N, 1, ...]`` to broadcast over ``like``."""
+    return v.to(device=like.device, dtype=dtype).view((-1,) + (1,) * (like.dim() - 1))
+
+
+def opmath(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels compute in: float32 for half types, the dtype otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

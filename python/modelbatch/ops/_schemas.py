@@ -1,0 +1,22 @@
+"""The schemas of the ``modelbatch::`` ops.
+
+They are defined in C++ (``csrc/module.cpp``, ``TORCH_LIBRARY(modelbatch, ...)``);
+this copy is used only to define the ops from Python when ``modelbatch._C`` could
+not be loaded, so the reference kernels still run. ``tests/test_backend.py``
+checks that both copies agree.
+"""
+
+SCHEMAS = {
+    "build_info": "build_info() -> str",
+    "adam_step": (
+        "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!) steps, "
+        "Tensor lr, Tensor beta1, Tensor beta2, Tensor eps, Tensor weight_decay, "
+        "Tensor amsgrad, bool decoupled_weight_decay) -> ()"
+    ),
+    "sgd_step": (
+        "sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+        "Tensor(c!) steps, Tensor lr, Tensor momentum, Tensor dampening, "
+        "Tensor weight_decay, Tensor nesterov) -> ()"
+    ),
+}

@@ -1,7 +1,29 @@
 """ModelBatch: train hundreds to thousands of independent PyTorch models at once."""
 
+from modelbatch import ops  # noqa: F401  (loads _C and registers the kernels)
+from modelbatch import optim
 from modelbatch._backend import backend_info, c_extension_loaded
-from modelbatch import ops  # noqa: F401  (registers kernels)
+from modelbatch.clip import clip_grad_norm_
+from modelbatch.core import ModelBatch, check_compatible
+from modelbatch.optimizer import (
+    OptimizerFactory,
+    PerModelOptimizer,
+    create_adam_configs,
+    create_lr_sweep_configs,
+    create_sgd_configs,
+)
 
 __version__ = "0.1.0"
-__all__ = ["backend_info", "c_extension_loaded"]
+__all__ = [
+    "ModelBatch",
+    "OptimizerFactory",
+    "PerModelOptimizer",
+    "backend_info",
+    "c_extension_loaded",
+    "check_compatible",
+    "clip_grad_norm_",
+    "create_adam_configs",
+    "create_lr_sweep_configs",
+    "create_sgd_configs",
+    "optim",
+]

@@ -1,0 +1,458 @@
+"""ModelBatch: N structurally identical models as one vectorised module.
+
+Parameters and buffers of the N models are stacked along a new leading model
+axis (``[N, ...]``) and registered on the ModelBatch; ``forward`` runs
+``torch.vmap`` over ``torch.func.functional_call`` of one template module, so
+one call computes all N models and one ``backward`` fills the stacked grads.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+from torch.utils._pytree import tree_flatten
+
+from modelbatch.interception import ModelBatchMode
+
+_REDUCTIONS = ("sum", "mean", "none")
+_SHAPE_ERROR = re.compile(
+    r"shape|size|dimension|mat1 and mat2|expected input|Expected .*input", re.IGNORECASE
+)
+_META_FILE = "modelbatch.json"
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+
+
+def check_compatible(models: Sequence[nn.Module]) -> None:
+    """Raise ``ValueError`` naming the first difference in structure between models.
+
+    Compared: class, parameter names, shapes, dtypes and ``requires_grad``, and buffer
+    names, shapes and dtypes. Model 0 is the reference.
+    """
+    if len(models) == 0:
+        raise ValueError("ModelBatch needs at least one model; got an empty list")
+    ref = models[0]
+    if not isinstance(ref, nn.Module):
+        raise ValueError(f"ModelBatch takes nn.Module instances; model 0 is {type(ref).__name__}")
+    ref_p = dict(ref.named_parameters())
+    ref_b = dict(ref.named_buffers())
+    for i, m in enumerate(models[1:], start=1):
+        if type(m) is not type(ref):
+            raise ValueError(
+                f"model {i} is a {type(m).__name__}, model 0 a {type(ref).__name__}: "
+                "all models of a ModelBatch must share one class"
+            )
+        for kind, mine, theirs in (
+            ("parameter", dict(m.named_parameters()), ref_p),
+            ("buffer", dict(m.named_buffers()), ref_b),
+        ):
+            if mine.keys() != theirs.keys():
+                extra = sorted(set(mine) - set(theirs))
+                missing = sorted(set(theirs) - set(mine))
+                raise ValueError(
+                    f"model {i} has different {kind} names than model 0: "
+                    f"extra {extra}, missing {missing}"
+                )
+            for name, t in mine.items():
+                r = theirs[name]
+                if t.shape != r.shape or t.dtype != r.dtype:
+                    raise ValueError(
+                        f"{kind} {name!r} of model {i} is {_describe(t)}, "
+                        f"model 0 has {_describe(r)}"
+                    )
+                if kind == "parameter" and t.requires_grad != r.requires_grad:
+                    raise ValueError(
+                        f"parameter {name!r} has requires_grad={t.requires_grad} in model {i} "
+                        f"but {r.requires_grad} in model 0"
+                    )
+                if t.device != r.device:
+                    raise ValueError(
+                        f"{kind} {name!r} of model {i} is on {t.device}, model 0's on {r.device}"
+                    )
+
+
+def _safe(name: str) -> str:
+    # nn.Module attribute names cannot contain '.'
+    return name.replace(".", "__")
+
+
+def _resolve_seeds(seeds: int | Sequence[int] | torch.Tensor | None, n: int) -> torch.Tensor | None:
+    if seeds is None:
+        return None
+    if isinstance(seeds, bool):
+        raise ValueError("seeds must be an int or a sequence of N ints, not a bool")
+    if isinstance(seeds, int):
+        # Documented derivation: model i gets seed + i.
+        return torch.arange(n, dtype=torch.int64) + seeds
+    out = torch.as_tensor(list(seeds) if not isinstance(seeds, torch.Tensor) else seeds)
+    if out.dim() != 1 or out.numel() != n:
+        raise ValueError(f"seeds: expected an int or {n} values (one per model), got {out.numel()}")
+    if out.is_floating_point():
+        raise ValueError("seeds must be integers")
+    return out.to(torch.int64).cpu()
+
+
+class ModelBatch(nn.Module):
+    """N structurally identical models trained as one.
+
+    Args:
+        models: the N models (same class, parameter and buffer names, shapes, dtypes).
+            Their current weights and buffers are copied; the list is not modified.
+        shared_input: if True every model sees the same input ``[B, ...]``; otherwise
+            model i sees ``inputs[i]`` of an input ``[N, B, ...]``.
+        seeds: an int (model i gets ``seeds + i``) or N ints; kept as ``batch.seeds``.
+        intercept: route ``F.linear`` & co. to modelbatch's batched ops during forward
+            (see :mod:`modelbatch.interception`); False runs plain vmap.
+
+    Outputs are ``[N, B, ...]``; tuples and dicts returned by the models keep their
+    structure with every tensor stacked along the model axis.
+    """
+
+    def __init__(
+        self,
+        models: Iterable[nn.Module],
+        shared_input: bool = True,
+        *,
+        seeds: int | Sequence[int] | torch.Tensor | None = None,
+        intercept: bool = True,
+    ) -> None:
+        super().__init__()
+        self.intercept = intercept
+        models = list(models)
+        check_compatible(models)
+        self.num_models = len(models)
+        self.shared_input = bool(shared_input)
+        self.seeds = _resolve_seeds(seeds, self.num_models)
+        template = copy.deepcopy(models[0])
+        # Not a submodule: its own weights are never used (functional_call swaps in
+        # the stacked ones) and must not show up in parameters() or state_dict().
+        self._template = [template]
+
+        self._param_names = [n for n, _ in models[0].named_parameters()]
+        self._buffer_names = [n for n, _ in models[0].named_buffers()]
+        safe = [_safe(n) for n in self._param_names + self._buffer_names]
+        if len(set(safe)) != len(safe):
+            raise ValueError("parameter or buffer names collide after replacing '.' with '__'")
+        with torch.no_grad():
+            for name in self._param_names:
+                ref = models[0].get_parameter(name)
+                stacked = torch.stack([m.get_parameter(name).detach() for m in models])
+                self.register_parameter(
+                    _safe(name), nn.Parameter(stacked, requires_grad=ref.requires_grad)
+                )
+            for name in self._buffer_names:
+                owner, _, leaf = name.rpartition(".")
+                mod = models[0].get_submodule(owner) if owner else models[0]
+                persistent = leaf not in mod._non_persistent_buffers_set
+                stacked = torch.stack([m.get_buffer(name).detach() for m in models])
+                self.register_buffer(_safe(name), stacked.clone(), persistent=persistent)
+        self._state_keys = self._map_state_keys(template)
+        self._vmapped = self._forward_impl
+        self.latest_losses: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------- structure
+    def _map_state_keys(self, template: nn.Module) -> dict[str, str]:
+        """state_dict key of a single model -> canonical parameter/buffer name.
+
+        Tied weights appear under several state_dict keys but once in
+        named_parameters(); both keys map to the one stacked tensor.
+        """
+        canon = {}
+        for n, t in list(template.named_parameters()) + list(template.named_buffers()):
+            canon[id(t)] = n
+        return {k: canon[id(v)] for k, v in template.state_dict(keep_vars=True).items()}
+
+    def stacked_params(self) -> dict[str, nn.Parameter]:
+        """Original parameter name -> stacked parameter ``[N, ...]``."""
+        return {n: getattr(self, _safe(n)) for n in self._param_names}
+
+    def stacked_buffers(self) -> dict[str, torch.Tensor]:
+        """Original buffer name -> stacked buffer ``[N, ...]``."""
+        return {n: getattr(self, _safe(n)) for n in self._buffer_names}
+
+    @property
+    def template(self) -> nn.Module:
+        """The module whose code runs each model (its own weights are unused)."""
+        return self._template[0]
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._template[0]._apply(fn)
+        return self
+
+    def train(self, mode: bool = True) -> ModelBatch:
+        super().train(mode)
+        self._template[0].train(mode)
+        return self
+
+    # ------------------------------------------------------------------- forward
+    def _check_inputs(self, leaves: list[Any]) -> None:
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+        if not tensors:
+            raise ValueError("ModelBatch.forward expects at least one tensor input")
+        for k, t in enumerate(tensors):
+            if self.shared_input:
+                if t.dim() < 1:
+                    raise ValueError(
+                        "ModelBatch(shared_input=True) expects inputs shaped [B, ...] "
+                        f"(one batch fed to every model); input {k} is a 0-d tensor"
+                    )
+            elif t.dim() < 2 or t.shape[0] != self.num_models:
+                raise ValueError(
+                    f"ModelBatch(shared_input=False) expects per-model inputs shaped "
+                    f"[N={self.num_models}, B, ...]; input {k} has shape {tuple(t.shape)}"
+                )
+
+    def _call_one(self, params, buffers, args, kwargs):
+        return functional_call(self._template[0], (params, buffers), args, kwargs)
+
+    def _forward_impl(self, params, buffers, args, kwargs):
+        dim = None if self.shared_input else 0
+        in_dims = (0, 0, tuple(dim if isinstance(a, torch.Tensor) else None for a in args))
+        in_dims += ({k: (dim if isinstance(v, torch.Tensor) else None) for k, v in kwargs.items()},)
+        return vmap(self._call_one, in_dims=in_dims, randomness="different")(
+            params, buffers, args, kwargs
+        )
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        leaves, _ = tree_flatten((args, kwargs))
+        self._check_inputs(leaves)
+        params = self.stacked_params()
+        buffers = self.stacked_buffers()
+        # nn.MultiheadAttention's fused inference path has no vmap batching rule.
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            if self.intercept:
+                with ModelBatchMode():
+                    return self._vmapped(params, buffers, tuple(args), dict(kwargs))
+            return self._vmapped(params, buffers, tuple(args), dict(kwargs))
+        except RuntimeError as err:
+            if not _SHAPE_ERROR.search(str(err)):
+                raise
+            shapes = [tuple(t.shape) for t in leaves if isinstance(t, torch.Tensor)]
+            expected = (
+                "[B, ...] fed to every model"
+                if self.shared_input
+                else f"[N={self.num_models}, B, ...] (model i gets inputs[i])"
+            )
+            raise ValueError(
+                f"the models rejected inputs of shape {shapes}: ModelBatch expects {expected}, "
+                f"where [...] is what one model takes. The model said: {err}"
+            ) from err
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+
+    def enable_compile(self, **kwargs: Any) -> ModelBatch:
+        """Run the vectorised forward under ``torch.compile(**kwargs)``."""
+        self._vmapped = torch.compile(self._forward_impl, **kwargs)
+        return self
+
+    def disable_compile(self) -> ModelBatch:
+        self._vmapped = self._forward_impl
+        return self
+
+    # ---------------------------------------------------------------------- loss
+    def compute_loss(
+        self,
+        outputs: Any,
+        targets: Any,
+        loss_fn: Callable[..., torch.Tensor],
+        reduction: str = "sum",
+        *,
+        targets_per_model: bool | None = None,
+    ) -> torch.Tensor:
+        """Per-model losses of ``loss_fn(outputs[i], targets or targets[i])``.
+
+        Args:
+            outputs: ``[N, B, ...]`` (or a tuple/dict of such) from ``forward``.
+            targets: shared ``[B, ...]`` or per-model ``[N, B, ...]``; detected from the
+                shape unless ``targets_per_model`` says which.
+            loss_fn: the loss of ONE model, returning a scalar (e.g.
+                ``nn.CrossEntropyLoss()``).
+            reduction: ``"sum"`` (default: the gradient of model i is that of its own
+                loss), ``"mean"`` (gradients scaled by 1/N) or ``"none"`` (``[N]``).
+        """
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        out_leaves, _ = tree_flatten(outputs)
+        first = next((t for t in out_leaves if isinstance(t, torch.Tensor)), None)
+        if first is None or first.dim() < 1 or first.shape[0] != self.num_models:
+            raise ValueError(
+                f"outputs must be stacked [N={self.num_models}, B, ...] as returned by forward; "
+                f"got {None if first is None else tuple(first.shape)}"
+            )
+        per_model = self._targets_per_model(first, targets, targets_per_model)
+        t_dim = 0 if per_model else None
+        losses = vmap(loss_fn, in_dims=(0, t_dim), randomness="different")(outputs, targets)
+        if not isinstance(losses, torch.Tensor) or losses.shape != (self.num_models,):
+            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses)
+            raise ValueError(
+                "loss_fn must return one scalar per model (reduce over the batch inside it, "
+                f"e.g. nn.CrossEntropyLoss()); got per-model shape {shape}"
+            )
+        self.latest_losses = losses.detach()
+        if reduction == "sum":
+            return losses.sum()
+        if reduction == "mean":
+            return losses.mean()
+        return losses
+
+    def _targets_per_model(self, out: torch.Tensor, targets: Any, flag: bool | None) -> bool:
+        leaves, _ = tree_flatten(targets)
+        t = next((x for x in leaves if isinstance(x, torch.Tensor)), None)
+        n = self.num_models
+        if flag is not None:
+            if flag and (t is None or t.dim() < 1 or t.shape[0] != n):
+                raise ValueError(
+                    f"targets_per_model=True needs targets shaped [N={n}, B, ...]; got "
+                    f"{None if t is None else tuple(t.shape)}"
+                )
+            return bool(flag)
+        if t is None:
+            return False
+        b = out.shape[1] if out.dim() > 1 else None
+        as_per_model = t.dim() >= 2 and t.shape[0] == n and t.shape[1] == b
+        as_shared = t.dim() >= 1 and t.shape[0] == b
+        if as_per_model and as_shared:
+            # N == B: prefer the reading whose trailing dims line up with the outputs'.
+            per_fit = tuple(t.shape[2:]) == tuple(out.shape[2 : t.dim()])
+            shared_fit = tuple(t.shape[1:]) == tuple(out.shape[2 : t.dim() + 1])
+            if per_fit == shared_fit:
+                raise ValueError(
+                    f"targets of shape {tuple(t.shape)} could be shared [B, ...] or per-model "
+                    f"[N, B, ...] (N = B = {n}); pass targets_per_model=True or False"
+                )
+            return per_fit
+        if as_per_model:
+            return True
+        if as_shared:
+            return False
+        raise ValueError(
+            f"targets must be shared [B={b}, ...] or per-model [N={n}, B={b}, ...]; got "
+            f"{tuple(t.shape)}"
+        )
+
+    def metrics(self) -> dict[str, float]:
+        """``{"loss_model_i": float}`` from the latest ``compute_loss`` call."""
+        if self.latest_losses is None:
+            return {}
+        values = self.latest_losses.float().cpu().tolist()
+        return {f"loss_model_{i}": v for i, v in enumerate(values)}
+
+    # ------------------------------------------------------------ model states
+    def _stacked(self, canonical: str) -> torch.Tensor:
+        return getattr(self, _safe(canonical))
+
+    def get_model_states(self) -> list[dict[str, torch.Tensor]]:
+        """One plain ``state_dict`` per model (cloned tensors, same keys as a model's)."""
+        return [self._model_state(i) for i in range(self.num_models)]
+
+    def _model_state(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: self._stacked(c)[i].detach().clone() for k, c in self._state_keys.items()}
+
+    def _validate_states(self, states: Sequence[Mapping[str, torch.Tensor]], where: str) -> None:
+        if len(states) != self.num_models:
+            raise ValueError(f"{where}: expected {self.num_models} states, got {len(states)}")
+        expected = set(self._state_keys)
+        for i, sd in enumerate(states):
+            if not isinstance(sd, Mapping):
+                raise ValueError(f"{where}: state {i} is a {type(sd).__name__}, not a dict")
+            keys = set(sd.keys())
+            if keys != expected:
+                raise ValueError(
+                    f"{where}: state {i} is of another architecture: missing "
+                    f"{sorted(expected - keys)}, unexpected {sorted(keys - expected)}"
+                )
+            for k, c in self._state_keys.items():
+                ref = self._stacked(c)
+                v = sd[k]
+                if not isinstance(v, torch.Tensor) or v.shape != ref.shape[1:]:
+                    got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                    raise ValueError(
+                        f"{where}: state {i} entry {k!r} has shape {got}, "
+                        f"expected {tuple(ref.shape[1:])}"
+                    )
+                if v.dtype != ref.dtype:
+                    raise ValueError(
+                        f"{where}: state {i} entry {k!r} has dtype {v.dtype}, expected {ref.dtype}"
+                    )
+
+    def load_model_states(self, states: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        """Load one state_dict per model; all are checked before anything changes."""
+        self._validate_states(states, "load_model_states")
+        with torch.no_grad():
+            for k, c in self._state_keys.items():
+                target = self._stacked(c)
+                target.copy_(torch.stack([sd[k].to(target.device) for sd in states]))
+
+    def model(self, i: int) -> nn.Module:
+        """A standalone module of the original class holding model i's weights and buffers."""
+        if not -self.num_models <= i < self.num_models:
+            raise IndexError(f"model index {i} out of range for {self.num_models} models")
+        m = copy.deepcopy(self._template[0])
+        m.load_state_dict(self._model_state(i % self.num_models))
+        m.train(self.training)
+        return m
+
+    def save_all(self, directory: str | os.PathLike) -> None:
+        """Write ``model_{i}.pt`` (a plain state_dict) per model and ``modelbatch.json``.
+
+        Each file is written to a temporary name and renamed, so an interrupted save
+        never leaves a truncated file in place of a good one.
+        """
+        os.makedirs(directory, exist_ok=True)
+        for i in range(self.num_models):
+            path = os.path.join(directory, f"model_{i}.pt")
+            torch.save(self._model_state(i), path + ".tmp")
+            os.replace(path + ".tmp", path)
+        meta = {
+            "num_models": self.num_models,
+            "class": f"{type(self._template[0]).__module__}.{type(self._template[0]).__qualname__}",
+            "keys": {k: list(self._stacked(c).shape[1:]) for k, c in self._state_keys.items()},
+            "seeds": None if self.seeds is None else self.seeds.tolist(),
+        }
+        path = os.path.join(directory, _META_FILE)
+        with open(path + ".tmp", "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+    def load_all(self, directory: str | os.PathLike) -> None:
+        """Load what :meth:`save_all` wrote; every file is read and checked first."""
+        meta_path = os.path.join(directory, _META_FILE)
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            n_saved = int(meta["num_models"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"load_all: cannot read {meta_path}: {err}") from err
+        if n_saved != self.num_models:
+            raise ValueError(
+                f"load_all: {directory} holds {n_saved} models, this ModelBatch has "
+                f"{self.num_models}"
+            )
+        states = []
+        for i in range(self.num_models):
+            path = os.path.join(directory, f"model_{i}.pt")
+            try:
+                states.append(torch.load(path, map_location="cpu", weights_only=True))
+            except Exception as err:  # torch.load raises many types on corrupt files
+                raise ValueError(f"load_all: {path} is missing or corrupt: {err}") from err
+        self.load_model_states(states)
+
+    def extra_repr(self) -> str:
+        n_params = sum(p[0].numel() for p in self.stacked_params().values())
+        return (
+            f"num_models={self.num_models}, shared_input={self.shared_input}, "
+            f"template={type(self._template[0]).__name__}, params_per_model={n_params}"
+        )

@@ -9,7 +9,9 @@ from torch import nn
 class MLP(nn.Module):
     def __init__(self, i=8, h=16, o=3):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(i, h), nn.ReLU(), nn.Linear(h, h), nn.Tanh(), nn.Linear(h, o))
+        self.net = nn.Sequential(
+            nn.Linear(i, h), nn.ReLU(), nn.Linear(h, h), nn.Tanh(), nn.Linear(h, o)
+        )
 
     def forward(self, x):
         return self.net(x)

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import copy
 
+import modelbatch as mb
 import pytest
 import torch
 import torch.nn.functional as F
 from _models import MODELS, make_data, max_rel_err
-
-import modelbatch as mb
 
 STEPS = 50
 N = 4
@@ -32,7 +31,11 @@ OPTIMIZERS = {
     "adam": (
         mb.optim.Adam,
         torch.optim.Adam,
-        lambda i: {"lr": LRS[i], "betas": (0.9, [0.999, 0.99, 0.9, 0.95][i]), "weight_decay": 1e-2 * (i % 2)},
+        lambda i: {
+            "lr": LRS[i],
+            "betas": (0.9, [0.999, 0.99, 0.9, 0.95][i]),
+            "weight_decay": 1e-2 * (i % 2),
+        },
     ),
     "adamw_amsgrad": (
         mb.optim.AdamW,
@@ -74,7 +77,9 @@ def train_both(kind, opt_name, *, clip=None, schedule=None, steps=STEPS, seed=0)
             o.zero_grad()
             F.cross_entropy(m(x), y).backward()
             if clip is not None:
-                rn = torch.nn.utils.clip_grad_norm_(m.parameters(), clip[i] if isinstance(clip, list) else clip)
+                rn = torch.nn.utils.clip_grad_norm_(
+                    m.parameters(), clip[i] if isinstance(clip, list) else clip
+                )
                 assert abs(norms[i].item() - rn.item()) <= 1e-4 * max(rn.item(), 1e-3)
             o.step()
         if sched is not None:
@@ -90,7 +95,10 @@ def train_both(kind, opt_name, *, clip=None, schedule=None, steps=STEPS, seed=0)
 NOISE_ONLY = {"layer.self_attn.in_proj_bias": slice(8, 16)}
 
 
-def assert_match(batch, ref, rtol=RTOL, max_lr=max(LRS)):
+MAX_LR = max(LRS)
+
+
+def assert_match(batch, ref, rtol=RTOL, max_lr=MAX_LR):
     states = batch.get_model_states()
     for i, m in enumerate(ref):
         for k, v in m.state_dict().items():

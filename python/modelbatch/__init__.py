@@ -1,7 +1,9 @@
 """ModelBatch: train hundreds to thousands of independent PyTorch models at once."""
 
-from modelbatch import ops  # noqa: F401  (loads _C and registers the kernels)
-from modelbatch import optim
+from modelbatch import (
+    ops,  # noqa: F401  (loads _C and registers the kernels)
+    optim,
+)
 from modelbatch._backend import backend_info, c_extension_loaded
 from modelbatch.clip import clip_grad_norm_
 from modelbatch.core import ModelBatch, check_compatible

@@ -11,9 +11,7 @@ from modelbatch.optim._base import per_model
 
 
 @torch.no_grad()
-def clip_grad_norm_(
-    batch: ModelBatch, max_norm: Any, norm_type: float = 2.0
-) -> torch.Tensor:
+def clip_grad_norm_(batch: ModelBatch, max_norm: Any, norm_type: float = 2.0) -> torch.Tensor:
     """Clip each model's gradients by its own total norm, as
     ``torch.nn.utils.clip_grad_norm_`` would clip that model alone.
 

@@ -96,9 +96,12 @@ class OptimizerFactory:
     """
 
     def __init__(self, optimizer_cls: type, base_config: dict[str, Any] | None = None) -> None:
-        if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
-            raise ValueError(f"optimizer_cls must be a torch.optim.Optimizer class, got "
-                             f"{optimizer_cls!r}")
+        if not (
+            isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)
+        ):
+            raise ValueError(
+                f"optimizer_cls must be a torch.optim.Optimizer class, got {optimizer_cls!r}"
+            )
         self.optimizer_cls = optimizer_cls
         self.base_config = dict(base_config or {})
 
@@ -130,8 +133,10 @@ class OptimizerFactory:
                 )
             missing = [i for i, cfg in enumerate(merged) if key not in cfg]
             if missing:
-                raise ValueError(f"config key {key!r} is missing for models {missing[:10]}; "
-                                 "give it to every model or put it in base_config")
+                raise ValueError(
+                    f"config key {key!r} is missing for models {missing[:10]}; "
+                    "give it to every model or put it in base_config"
+                )
         kwargs: dict[str, Any] = {}
         for key in sorted(keys - _IMPL_KEYS):
             values = [cfg[key] for cfg in merged]
@@ -161,8 +166,9 @@ class OptimizerFactory:
         if isinstance(configs, dict):
             return scheduler_cls(optimizer, **configs)
         if len(configs) != len(groups):
-            raise ValueError(f"expected {len(groups)} scheduler configs (one per model), "
-                             f"got {len(configs)}")
+            raise ValueError(
+                f"expected {len(groups)} scheduler configs (one per model), got {len(configs)}"
+            )
         keys = set().union(*(c.keys() for c in configs))
         if all(all(c.get(k) == configs[0].get(k) for c in configs) for k in keys):
             return scheduler_cls(optimizer, **configs[0])
@@ -188,13 +194,14 @@ class PerModelScheduler:
 
     def __init__(self, optimizer, scheduler_cls: type, configs: Sequence[dict[str, Any]]) -> None:
         self.optimizer = optimizer
-        self.schedulers = [
-            scheduler_cls(_GroupView(g, optimizer.defaults), **cfg)
-            for g, cfg in zip(optimizer.param_groups, configs)
-        ]
+        self._views = [_GroupView(g, optimizer.defaults) for g in optimizer.param_groups]
+        self.schedulers = [scheduler_cls(v, **cfg) for v, cfg in zip(self._views, configs)]
 
     def step(self, *args: Any) -> None:
-        for s in self.schedulers:
+        # The facades never step; tell their schedulers whether the real one did.
+        called = getattr(self.optimizer, "_opt_called", True)
+        for v, s in zip(self._views, self.schedulers):
+            v._opt_called = called
             s.step(*args)
 
     def get_last_lr(self) -> list[float]:
@@ -224,34 +231,45 @@ def _is_pair(v: Any) -> bool:
 
 
 def _configs(n: int, **values: Any) -> list[dict[str, Any]]:
-    cols = {k: _broadcast(k, v, n) for k, v in values.items()}
+    # Options left at None are omitted, so an OptimizerFactory's base_config (or the
+    # optimizer's default) supplies them.
+    cols = {k: _broadcast(k, v, n) for k, v in values.items() if v is not None}
     return [{k: cols[k][i] for k in cols} for i in range(n)]
 
 
 def create_sgd_configs(
     learning_rates: Sequence[float],
-    momentum: float | Sequence[float] = 0.9,
-    weight_decay: float | Sequence[float] = 0.0,
-    dampening: float | Sequence[float] = 0.0,
-    nesterov: bool | Sequence[bool] = False,
+    momentum: float | Sequence[float] | None = 0.9,
+    weight_decay: float | Sequence[float] | None = None,
+    dampening: float | Sequence[float] | None = None,
+    nesterov: bool | Sequence[bool] | None = None,
 ) -> list[dict[str, Any]]:
-    """One SGD config per learning rate; other values shared or one per model."""
+    """One SGD config per learning rate; other values shared or one per model
+    (None: left out, so the base config or the optimizer default applies)."""
     n = len(learning_rates)
-    return _configs(n, lr=list(learning_rates), momentum=momentum, weight_decay=weight_decay,
-                    dampening=dampening, nesterov=nesterov)
+    return _configs(
+        n,
+        lr=list(learning_rates),
+        momentum=momentum,
+        weight_decay=weight_decay,
+        dampening=dampening,
+        nesterov=nesterov,
+    )
 
 
 def create_adam_configs(
     learning_rates: Sequence[float],
-    betas: tuple[float, float] | Sequence[tuple[float, float]] = (0.9, 0.999),
-    weight_decay: float | Sequence[float] = 0.0,
-    eps: float | Sequence[float] = 1e-8,
-    amsgrad: bool | Sequence[bool] = False,
+    betas: tuple[float, float] | Sequence[tuple[float, float]] | None = None,
+    weight_decay: float | Sequence[float] | None = None,
+    eps: float | Sequence[float] | None = None,
+    amsgrad: bool | Sequence[bool] | None = None,
 ) -> list[dict[str, Any]]:
-    """One Adam/AdamW config per learning rate; other values shared or one per model."""
+    """One Adam/AdamW config per learning rate; other values shared or one per model
+    (None: left out, so the base config or the optimizer default applies)."""
     n = len(learning_rates)
-    return _configs(n, lr=list(learning_rates), betas=betas, weight_decay=weight_decay, eps=eps,
-                    amsgrad=amsgrad)
+    return _configs(
+        n, lr=list(learning_rates), betas=betas, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad
+    )
 
 
 def create_lr_sweep_configs(

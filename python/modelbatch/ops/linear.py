@@ -28,7 +28,7 @@ from torch import Tensor
 
 @torch.library.custom_op("modelbatch::batched_linear", mutates_args=())
 def batched_linear(x: Tensor, weight: Tensor, bias: Tensor | None, shared: bool) -> Tensor:
-    n, o, i = weight.shape
+    n, _, i = weight.shape
     xb = x.expand(n, x.shape[0], i) if shared else x
     if bias is None:
         return torch.bmm(xb, weight.transpose(1, 2))

@@ -47,7 +47,9 @@ def reference(
         g = grads[k].to(dt) + v(weight_decay) * pk
         if any_mom:
             old = momentum_buffers[k].to(dt)
-            buf = torch.where(v(first.to(dt)) != 0, g, old * v(momentum) + v(1 - dampening.double()) * g)
+            buf = torch.where(
+                v(first.to(dt)) != 0, g, old * v(momentum) + v(1 - dampening.double()) * g
+            )
             buf = torch.where(v(use_mom.to(dt)) != 0, buf, old)
             momentum_buffers[k].copy_(buf)
             upd = torch.where(v(nest.to(dt)) != 0, g + v(momentum) * buf, buf)

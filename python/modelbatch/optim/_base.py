@@ -10,7 +10,7 @@ kernel reads, in O(1) per write and with no per-step Python loop over models.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -24,8 +24,10 @@ def per_model(name: str, value: Any, n: int) -> np.ndarray:
         if value.dim() == 0:
             return np.full(n, float(value), dtype=np.float64)
         if value.dim() != 1:
-            raise ValueError(f"{name}: expected a scalar or a 1-D tensor of {n} values, "
-                             f"got shape {tuple(value.shape)}")
+            raise ValueError(
+                f"{name}: expected a scalar or a 1-D tensor of {n} values, "
+                f"got shape {tuple(value.shape)}"
+            )
         arr = value.detach().double().cpu().numpy().copy()
     elif isinstance(value, bool | int | float | np.number):
         return np.full(n, float(value), dtype=np.float64)
@@ -39,8 +41,9 @@ def per_model(name: str, value: Any, n: int) -> np.ndarray:
     else:
         raise ValueError(f"{name}: expected a scalar or {n} values, got {type(value).__name__}")
     if arr.shape[0] != n:
-        raise ValueError(f"{name}: expected a scalar or {n} values (one per model), "
-                         f"got {arr.shape[0]}")
+        raise ValueError(
+            f"{name}: expected a scalar or {n} values (one per model), got {arr.shape[0]}"
+        )
     return arr
 
 
@@ -79,8 +82,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     ``"betas" -> ("beta1", "beta2")``) and implement ``_launch``.
     """
 
-    _hparams: dict[str, tuple[str, ...]] = {}
-    _flags: tuple[str, ...] = ()  # keys stored as 0/1 but shown as bools
+    _hparams: ClassVar[dict[str, tuple[str, ...]]] = {}
+    _flags: ClassVar[tuple[str, ...]] = ()  # keys stored as 0/1 but shown as bools
 
     def __init__(self, batch: ModelBatch, hparams: dict[str, Any]) -> None:
         if not isinstance(batch, ModelBatch):
@@ -97,8 +100,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self._vec[names[0]] = per_model(key, value, n)
             else:
                 if not isinstance(value, Sequence) or len(value) != len(names):
-                    raise ValueError(f"{key}: expected a pair ({', '.join(names)}), each a "
-                                     f"scalar or {n} values; got {value!r}")
+                    raise ValueError(
+                        f"{key}: expected a pair ({', '.join(names)}), each a "
+                        f"scalar or {n} values; got {value!r}"
+                    )
                 for name, v in zip(names, value):
                     self._vec[name] = per_model(f"{key}[{name}]", v, n)
         for i in range(n):
@@ -225,7 +230,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             "param_shapes": [list(p.shape) for p in self._params],
             "steps": self.steps.clone(),
             "state": per_param,
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+            "param_groups": [
+                {k: v for k, v in g.items() if k != "params"} for g in self.param_groups
+            ],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -235,20 +242,26 @@ class FusedOptimizer(torch.optim.Optimizer):
         if state_dict["kind"] != type(self).__name__:
             raise ValueError(f"{where}: the state is of a {state_dict['kind']} optimizer")
         if state_dict["num_models"] != self.num_models:
-            raise ValueError(f"{where}: the state has {state_dict['num_models']} models, "
-                             f"this optimizer {self.num_models}")
+            raise ValueError(
+                f"{where}: the state has {state_dict['num_models']} models, "
+                f"this optimizer {self.num_models}"
+            )
         shapes = [list(p.shape) for p in self._params]
         if [list(s) for s in state_dict["param_shapes"]] != shapes:
-            raise ValueError(f"{where}: the state is of another architecture: parameter shapes "
-                             f"{state_dict['param_shapes']} vs {shapes}")
+            raise ValueError(
+                f"{where}: the state is of another architecture: parameter shapes "
+                f"{state_dict['param_shapes']} vs {shapes}"
+            )
         groups = state_dict["param_groups"]
         if len(groups) != self.num_models:
             raise ValueError(f"{where}: expected {self.num_models} param groups, got {len(groups)}")
         for k, st in state_dict["state"].items():
             for key, t in st.items():
                 if list(t.shape) != shapes[int(k)]:
-                    raise ValueError(f"{where}: state {key!r} of parameter {k} has shape "
-                                     f"{list(t.shape)}, expected {shapes[int(k)]}")
+                    raise ValueError(
+                        f"{where}: state {key!r} of parameter {k} has shape "
+                        f"{list(t.shape)}, expected {shapes[int(k)]}"
+                    )
         # Everything checked: now apply. Hyper-parameters first (validated per model).
         saved_vec = {k: v.copy() for k, v in self._vec.items()}
         try:
@@ -265,14 +278,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.state.clear()
         for k, st in state_dict["state"].items():
             p = self._params[int(k)]
-            self.state[p] = {key: t.to(device=p.device, dtype=p.dtype).clone()
-                             for key, t in st.items()}
+            self.state[p] = {
+                key: t.to(device=p.device, dtype=p.dtype).clone() for key, t in st.items()
+            }
 
     def __repr__(self) -> str:
         parts = []
-        for key, names in self._hparams.items():
+        for names in self._hparams.values():
             for nm in names:
                 v = self._vec[nm]
-                parts.append(f"{nm}={v[0]:g}" if np.all(v == v[0]) else
-                             f"{nm}=[{v.min():g}..{v.max():g}]")
+                parts.append(
+                    f"{nm}={v[0]:g}" if np.all(v == v[0]) else f"{nm}=[{v.min():g}..{v.max():g}]"
+                )
         return f"{type(self).__name__}(num_models={self.num_models}, {', '.join(parts)})"

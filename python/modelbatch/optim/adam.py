@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from typing import Any, ClassVar
 
 from modelbatch.core import ModelBatch
 from modelbatch.ops import adam as adam_op
@@ -22,14 +21,14 @@ class Adam(FusedOptimizer):
     drive each model's ``"lr"`` (and ``"betas"``) unchanged.
     """
 
-    _hparams = {
+    _hparams: ClassVar[dict[str, tuple[str, ...]]] = {
         "lr": ("lr",),
         "betas": ("beta1", "beta2"),
         "eps": ("eps",),
         "weight_decay": ("weight_decay",),
         "amsgrad": ("amsgrad",),
     }
-    _flags = ("amsgrad",)
+    _flags: ClassVar[tuple[str, ...]] = ("amsgrad",)
     _decoupled = False
 
     def __init__(
@@ -43,7 +42,13 @@ class Adam(FusedOptimizer):
     ) -> None:
         super().__init__(
             batch,
-            {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "amsgrad": amsgrad},
+            {
+                "lr": lr,
+                "betas": betas,
+                "eps": eps,
+                "weight_decay": weight_decay,
+                "amsgrad": amsgrad,
+            },
         )
 
     def _validate_model(self, i: int) -> None:

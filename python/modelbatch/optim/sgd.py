@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from modelbatch.core import ModelBatch
 from modelbatch.ops import sgd as sgd_op
@@ -20,14 +20,14 @@ class SGD(FusedOptimizer):
     buffer starts as its first gradient.
     """
 
-    _hparams = {
+    _hparams: ClassVar[dict[str, tuple[str, ...]]] = {
         "lr": ("lr",),
         "momentum": ("momentum",),
         "dampening": ("dampening",),
         "weight_decay": ("weight_decay",),
         "nesterov": ("nesterov",),
     }
-    _flags = ("nesterov",)
+    _flags: ClassVar[tuple[str, ...]] = ("nesterov",)
 
     def __init__(
         self,

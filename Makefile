@@ -1,0 +1,34 @@
+# The two commands of the README:
+#   make demo   set up (venv, torch, build) and run the main job (examples/sweep_digits.py)
+#   make test   set up and run the whole test suite (ruff lint + format check, pytest)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.modelbatch-built
+SOURCES := pyproject.toml CMakeLists.txt scripts/setup.sh $(wildcard csrc/*.cpp csrc/*.h)
+
+.PHONY: setup demo test lint bench bench-quick clean
+
+setup: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	VENV=$(VENV) bash scripts/setup.sh
+	touch $@
+
+demo: setup
+	$(PY) examples/sweep_digits.py
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/bench.py
+
+bench-quick: setup
+	$(PY) benchmarks/bench.py --quick
+
+clean:
+	rm -rf build dist $(VENV)

@@ -65,7 +65,7 @@ inline __attribute__((always_inline)) void adam_body(scalar_t* __restrict p,
 }
 
 template <typename scalar_t, typename opmath_t>
-inline void adam_dispatch(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v,
+inline __attribute__((always_inline)) void adam_dispatch(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v,
                           scalar_t* vmax, int64_t n, const AdamScalars<opmath_t>& s) {
   if (s.amsgrad) {
     if (s.decoupled) adam_body<scalar_t, opmath_t, true, true>(p, g, m, v, vmax, n, s);
@@ -126,7 +126,6 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
 
   std::vector<int64_t> numels;
   for (const auto& p : params) numels.push_back(p.numel());
-  const auto segs = make_segments(numels, n);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_step_cpu", [&] {
@@ -156,7 +155,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
           V.push_back(exp_avg_sqs[t].data_ptr<scalar_t>());
           VM.push_back(any_ams ? max_exp_avg_sqs[t].data_ptr<scalar_t>() : nullptr);
         }
-        for_each_segment(segs, [&](const Segment& s) {
+        for_each_segment(numels, n, [&](const Segment& s) {
           const int64_t t = s.tensor, o = s.begin;
           adam_segment<scalar_t, opmath_t>(P[t] + o, G[t] + o, M[t] + o, V[t] + o,
                                            VM[t] ? VM[t] + o : nullptr, s.length, sc[s.model]);

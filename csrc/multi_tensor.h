@@ -31,32 +31,29 @@ struct Segment {
   int64_t length;  // number of elements
 };
 
-// Cut every tensor into per-model segments of at most `max_len` elements.
-inline std::vector<Segment> make_segments(const std::vector<int64_t>& numels, int64_t n_models,
-                                          int64_t max_len = 1 << 16) {
-  std::vector<Segment> segs;
-  for (size_t t = 0; t < numels.size(); ++t) {
-    const int64_t per = numels[t] / n_models;
-    for (int64_t i = 0; i < n_models; ++i) {
-      for (int64_t off = 0; off < per; off += max_len) {
-        segs.push_back({static_cast<int64_t>(t), i, i * per + off, std::min(max_len, per - off)});
-      }
-    }
-  }
-  return segs;
-}
-
-// Run fn(segment) over all segments in parallel, with enough elements per task
-// that threading pays for itself.
+// Run fn(segment) over every (tensor, model) element range of the tensors, in
+// parallel. The threads split the concatenated element space evenly (not the
+// list of tensors or models), so a few large tensors next to many tiny ones
+// still keep every thread equally busy.
 template <typename F>
-inline void for_each_segment(const std::vector<Segment>& segs, F&& fn) {
-  if (segs.empty()) return;
-  int64_t total = 0;
-  for (const auto& s : segs) total += s.length;
-  const int64_t avg = std::max<int64_t>(1, total / static_cast<int64_t>(segs.size()));
-  const int64_t grain = std::max<int64_t>(1, 32768 / avg);
-  at::parallel_for(0, static_cast<int64_t>(segs.size()), grain, [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k) fn(segs[k]);
+inline void for_each_segment(const std::vector<int64_t>& numels, int64_t n_models, F&& fn) {
+  std::vector<int64_t> start(numels.size() + 1, 0);
+  for (size_t t = 0; t < numels.size(); ++t) start[t + 1] = start[t] + numels[t];
+  const int64_t total = start.back();
+  if (total == 0) return;
+  constexpr int64_t grain = 1 << 14;
+  at::parallel_for(0, total, grain, [&](int64_t b, int64_t e) {
+    auto it = std::upper_bound(start.begin(), start.end(), b);
+    int64_t t = static_cast<int64_t>(it - start.begin()) - 1;
+    while (b < e) {
+      while (start[t + 1] <= b) ++t;  // skip empty tensors
+      const int64_t per = numels[t] / n_models;
+      const int64_t local = b - start[t];
+      const int64_t model = local / per;
+      const int64_t stop = std::min(std::min((model + 1) * per, numels[t]), e - start[t]);
+      fn(Segment{t, model, local, stop - local});
+      b += stop - local;
+    }
   });
 }
 

@@ -47,7 +47,7 @@ inline __attribute__((always_inline)) void sgd_body(scalar_t* __restrict p,
 }
 
 template <typename scalar_t, typename opmath_t>
-inline void sgd_dispatch(scalar_t* p, const scalar_t* g, scalar_t* buf, int64_t n,
+inline __attribute__((always_inline)) void sgd_dispatch(scalar_t* p, const scalar_t* g, scalar_t* buf, int64_t n,
                          const SgdScalars<opmath_t>& s) {
   if (!s.use_momentum) return sgd_body<scalar_t, opmath_t, false, false, false>(p, g, buf, n, s);
   if (s.first_step) {
@@ -98,7 +98,6 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
 
   std::vector<int64_t> numels;
   for (const auto& p : params) numels.push_back(p.numel());
-  const auto segs = make_segments(numels, n);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_step_cpu", [&] {
@@ -117,7 +116,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
           G.push_back(grads[t].data_ptr<scalar_t>());
           B.push_back(any_momentum ? momentum_buffers[t].data_ptr<scalar_t>() : nullptr);
         }
-        for_each_segment(segs, [&](const Segment& s) {
+        for_each_segment(numels, n, [&](const Segment& s) {
           const int64_t t = s.tensor, o = s.begin;
           sgd_segment<scalar_t, opmath_t>(P[t] + o, G[t] + o, B[t] ? B[t] + o : nullptr,
                                           s.length, sc[s.model]);

@@ -52,7 +52,7 @@ inline __attribute__((always_inline)) void adam_body(scalar_t* __restrict p,
     opmath_t denom_src = vj;
     if (AMSGRAD) {
       opmath_t vm = static_cast<opmath_t>(vmax[j]);
-      vm = vm > vj ? vm : vj;
+      vm = (vm > vj || vm != vm) ? vm : vj;  // torch.maximum: NaN wins
       vmax[j] = static_cast<scalar_t>(vm);
       denom_src = vm;
     }

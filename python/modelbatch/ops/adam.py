@@ -45,6 +45,11 @@ def reference(
     decay_mul = 1 - lr64 * wd64
     ams = amsgrad.to(t.device) != 0
     any_ams = bool(ams.any())
+    if any_ams and len(max_exp_avg_sqs) != len(params):
+        raise ValueError(
+            f"adam_step: a model uses amsgrad, so max_exp_avg_sqs needs {len(params)} "
+            f"tensors (one per parameter); got {len(max_exp_avg_sqs)}"
+        )
     for k, p in enumerate(params):
         dt = opmath(p.dtype)
 

@@ -36,6 +36,11 @@ def reference(
     first = steps == 1
     use_mom = momentum != 0
     any_mom = bool(use_mom.any())
+    if any_mom and len(momentum_buffers) != len(params):
+        raise ValueError(
+            f"sgd_step: a model uses momentum, so momentum_buffers needs {len(params)} "
+            f"tensors (one per parameter); got {len(momentum_buffers)}"
+        )
     nest = nesterov != 0
     for k, p in enumerate(params):
         dt = opmath(p.dtype)

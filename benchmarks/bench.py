@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import sys
 from pathlib import Path
 
@@ -84,10 +83,12 @@ def lrs(n: int) -> torch.Tensor:
     return torch.logspace(-4, -2, n) if n > 1 else torch.tensor([1e-3])
 
 
-def time_sequential(w, n, device, repeats) -> float:
+def sequential_fns(w, n, device) -> dict[str, tuple[callable, float]]:
+    """One round of min(n, 16) independent models (default and fused Adam) and the
+    factor that scales a round to N models."""
     k = min(n, 16)
     x, y = data(w, device)
-    best = math.inf
+    out = {}
     for fused in (False, True):
         models = [mlp(w).to(device) for _ in range(k)]
         kw = {"fused": True} if fused else {}
@@ -101,12 +102,11 @@ def time_sequential(w, n, device, repeats) -> float:
                 F.cross_entropy(m(x), y).backward()
                 o.step()
 
-        t = H.median_time(round_, repeats=max(3, repeats // 2), device=device)
-        best = min(best, t * n / k)
-    return best
+        out[f"sequential_{'fused' if fused else 'default'}"] = (round_, n / k)
+    return out
 
 
-def time_torchfunc(w, n, device, repeats, fused: bool) -> float:
+def torchfunc_fn(w, n, device, fused: bool):
     models = [mlp(w).to(device) for _ in range(n)]
     params, buffers = stack_module_state(models)
     base = copy.deepcopy(models[0]).to("meta")
@@ -124,10 +124,10 @@ def time_torchfunc(w, n, device, repeats, fused: bool) -> float:
         loss.backward()
         opt.step()
 
-    return H.median_time(step, repeats=repeats, device=device)
+    return step
 
 
-def time_modelbatch(w, n, device, repeats) -> float:
+def modelbatch_fn(w, n, device):
     batch = mb.ModelBatch([mlp(w) for _ in range(n)]).to(device)
     opt = mb.optim.Adam(batch, lr=lrs(n))
     x, y = data(w, device)
@@ -137,7 +137,21 @@ def time_modelbatch(w, n, device, repeats) -> float:
         batch.compute_loss(batch(x), y, F.cross_entropy).backward()
         opt.step()
 
-    return H.median_time(step, repeats=repeats, device=device)
+    return step
+
+
+def time_methods(w, n, device, repeats) -> dict[str, float]:
+    """Seconds per step of all N models for every method, timed interleaved."""
+    seq = sequential_fns(w, n, device)
+    fns = {k: f for k, (f, _) in seq.items()}
+    fns["torchfunc_foreach"] = torchfunc_fn(w, n, device, fused=False)
+    fns["torchfunc_fused"] = torchfunc_fn(w, n, device, fused=True)
+    fns["modelbatch"] = modelbatch_fn(w, n, device)
+    t = H.interleaved_times(fns, repeats=repeats, device=device)
+    for k, (_, scale) in seq.items():
+        t[k] *= scale
+    t["sequential"] = min(t.pop("sequential_default"), t.pop("sequential_fused"))
+    return t
 
 
 def time_optimizers(w, n, device, repeats) -> dict[str, float]:
@@ -145,13 +159,10 @@ def time_optimizers(w, n, device, repeats) -> dict[str, float]:
     batch = mb.ModelBatch([mlp(w) for _ in range(n)]).to(device)
     for p in batch.parameters():
         p.grad = torch.randn_like(p)
-    out = {}
-    ours = mb.optim.Adam(batch, lr=lrs(n))
-    out["modelbatch"] = H.median_time(ours.step, repeats=repeats, device=device, min_time=0.3)
+    fns = {"modelbatch": mb.optim.Adam(batch, lr=lrs(n)).step}
     for name, kw in (("torch_foreach", {"foreach": True}), ("torch_fused", {"fused": True})):
-        opt = torch.optim.Adam(list(batch.parameters()), lr=1e-3, **kw)
-        out[name] = H.median_time(opt.step, repeats=repeats, device=device, min_time=0.3)
-    return out
+        fns[name] = torch.optim.Adam(list(batch.parameters()), lr=1e-3, **kw).step
+    return H.interleaved_times(fns, repeats=max(repeats, 5) * 4, device=device)
 
 
 def main(argv=None) -> dict:
@@ -166,6 +177,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<device>)")
     args = ap.parse_args(argv)
     H.threads_from_env()
+    # Every method runs under the same allocator settings: the ones ModelBatch would
+    # apply itself on first use (see modelbatch.allocator), applied before any method.
+    mb.allocator.tune_cpu_allocator()
     torch.manual_seed(0)
     device = args.device
     repeats = 5 if args.quick else args.repeats
@@ -182,12 +196,7 @@ def main(argv=None) -> dict:
         w = WORKLOADS[wname]
         ns = args.models or (w["ns"][:-1] if args.quick else w["ns"])
         for n in ns:
-            t = {
-                "sequential": time_sequential(w, n, device, repeats),
-                "torchfunc_foreach": time_torchfunc(w, n, device, repeats, fused=False),
-                "torchfunc_fused": time_torchfunc(w, n, device, repeats, fused=True),
-                "modelbatch": time_modelbatch(w, n, device, repeats),
-            }
+            t = time_methods(w, n, device, repeats)
             tf = min(t["torchfunc_foreach"], t["torchfunc_fused"])
             flops = 6 * w["batch"] * weights_per_model(w) * n
             for method, sec in t.items():

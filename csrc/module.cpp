@@ -41,6 +41,12 @@ TORCH_LIBRARY(modelbatch, m) {
       "sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor(c!) steps, Tensor lr, Tensor momentum, Tensor dampening, "
       "Tensor weight_decay, Tensor nesterov) -> ()");
+  m.def(
+      "batched_cross_entropy(Tensor logits, Tensor target, bool shared, int reduction, "
+      "int ignore_index) -> Tensor");
+  m.def(
+      "batched_cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, bool shared, "
+      "int reduction, int ignore_index) -> Tensor");
 }
 
 extern "C" {

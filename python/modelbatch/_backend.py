@@ -39,8 +39,8 @@ def c_extension_loaded() -> bool:
 def backend_info() -> dict[str, str]:
     """Which kernel each device uses, and why; for users and for tests.
 
-    Returns a dict with keys ``"_C"`` (build string or load error), ``"cpu"`` and
-    ``"cuda"``.
+    Returns a dict with keys ``"_C"`` (build string or load error), ``"cpu"``,
+    ``"cuda"`` and ``"cpu_allocator"`` (see :mod:`modelbatch.allocator`).
     """
     if C_ERROR is None:
         c_info = torch.ops.modelbatch.build_info()
@@ -54,4 +54,6 @@ def backend_info() -> dict[str, str]:
         cuda = "Triton kernels (modelbatch.kernels)"
     except ImportError:
         cuda = "pure-torch reference (triton is not installed)"
-    return {"_C": c_info, "cpu": cpu, "cuda": cuda}
+    from modelbatch.allocator import allocator_info
+
+    return {"_C": c_info, "cpu": cpu, "cuda": cuda, "cpu_allocator": allocator_info()}

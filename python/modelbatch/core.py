@@ -20,6 +20,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.utils._pytree import tree_flatten
 
+from modelbatch.allocator import tune_cpu_allocator
 from modelbatch.interception import ModelBatchMode
 
 _REDUCTIONS = ("sum", "mean", "none")
@@ -158,6 +159,7 @@ class ModelBatch(nn.Module):
                 self.register_buffer(_safe(name), stacked.clone(), persistent=persistent)
         self._state_keys = self._map_state_keys(template)
         self._vmapped = self._forward_impl
+        self._allocator_checked = False
         self.latest_losses: torch.Tensor | None = None
 
     # ----------------------------------------------------------------- structure
@@ -227,6 +229,10 @@ class ModelBatch(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         leaves, _ = tree_flatten((args, kwargs))
         self._check_inputs(leaves)
+        if not self._allocator_checked:
+            self._allocator_checked = True
+            if any(t.device.type == "cpu" for t in leaves if isinstance(t, torch.Tensor)):
+                tune_cpu_allocator()
         params = self.stacked_params()
         buffers = self.stacked_buffers()
         # nn.MultiheadAttention's fused inference path has no vmap batching rule.
@@ -294,7 +300,12 @@ class ModelBatch(nn.Module):
             )
         per_model = self._targets_per_model(first, targets, targets_per_model)
         t_dim = 0 if per_model else None
-        losses = vmap(loss_fn, in_dims=(0, t_dim), randomness="different")(outputs, targets)
+        loss_vmap = vmap(loss_fn, in_dims=(0, t_dim), randomness="different")
+        if self.intercept:
+            with ModelBatchMode():
+                losses = loss_vmap(outputs, targets)
+        else:
+            losses = loss_vmap(outputs, targets)
         if not isinstance(losses, torch.Tensor) or losses.shape != (self.num_models,):
             shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses)
             raise ValueError(

@@ -8,15 +8,15 @@ import torch
 
 from modelbatch import _backend
 
-_IMPL = torch.library.Library("modelbatch", "IMPL")
+IMPL = torch.library.Library("modelbatch", "IMPL")
 
 
 def register(name: str, reference: Callable, cuda: Callable) -> None:
     """Register the fake, CUDA and (when ``_C`` is missing) CPU kernels of ``name``."""
     torch.library.register_fake(f"modelbatch::{name}")(lambda *args, **kwargs: None)
-    _IMPL.impl(name, cuda, "CUDA")
+    IMPL.impl(name, cuda, "CUDA")
     if not _backend.c_extension_loaded():
-        _IMPL.impl(name, reference, "CPU")
+        IMPL.impl(name, reference, "CPU")
 
 
 def model_view(v: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -19,4 +19,12 @@ SCHEMAS = {
         "Tensor(c!) steps, Tensor lr, Tensor momentum, Tensor dampening, "
         "Tensor weight_decay, Tensor nesterov) -> ()"
     ),
+    "batched_cross_entropy": (
+        "batched_cross_entropy(Tensor logits, Tensor target, bool shared, int reduction, "
+        "int ignore_index) -> Tensor"
+    ),
+    "batched_cross_entropy_backward": (
+        "batched_cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, bool shared, "
+        "int reduction, int ignore_index) -> Tensor"
+    ),
 }

@@ -1,0 +1,175 @@
+"""``modelbatch::cross_entropy``: ``F.cross_entropy`` (class-index targets) for N
+models at once.
+
+* ``modelbatch::cross_entropy(input [B, C], target [B], reduction, ignore_index)``
+  means exactly ``F.cross_entropy`` for one model. Inside ``ModelBatch.compute_loss``
+  (and forward) calls of ``F.cross_entropy`` / ``nn.CrossEntropyLoss`` that it covers
+  are routed to it; its vmap rule calls the batched op below once for all models.
+* ``modelbatch::batched_cross_entropy(logits [N, B, C], target [B] or [N, B], shared,
+  reduction, ignore_index)`` (defined in C++): reduction 0 = none -> ``[N, B]``,
+  1 = mean -> ``[N]``, 2 = sum -> ``[N]``. C++ kernel on CPU (``csrc/cross_entropy.cpp``:
+  one fused pass per row, no log-probabilities materialised); the pure-torch
+  :func:`reference` elsewhere.
+
+Covered: 2-D input per model, int64 class indices, no class weights, no label
+smoothing. Anything else runs ``F.cross_entropy`` itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from modelbatch import _backend
+from modelbatch.ops._registry import IMPL
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+def reference(
+    logits: Tensor, target: Tensor, shared: bool, reduction: int, ignore_index: int
+) -> Tensor:
+    """Pure-torch oracle of ``batched_cross_entropy``."""
+    n, b, _ = logits.shape
+    t = target.expand(n, b) if shared else target
+    keep = t != ignore_index
+    lp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+    rows = -lp.gather(-1, torch.where(keep, t, 0).unsqueeze(-1)).squeeze(-1) * keep
+    if reduction == 0:
+        return rows.to(logits.dtype)
+    total = rows.sum(1)
+    if reduction == 1:
+        total = total / keep.sum(1)
+    return total.to(logits.dtype)
+
+
+def reference_backward(grad, logits, target, shared, reduction, ignore_index):
+    """Pure-torch gradient of ``batched_cross_entropy`` w.r.t. the logits."""
+    n, b, c = logits.shape
+    t = target.expand(n, b) if shared else target
+    keep = t != ignore_index
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    p = torch.softmax(x, -1) - F.one_hot(torch.where(keep, t, 0), c).to(x.dtype)
+    if reduction == 0:
+        scale = grad.to(x.dtype)
+    else:
+        scale = grad.to(x.dtype).view(n, 1).expand(n, b)
+        if reduction == 1:
+            scale = scale / keep.sum(1, keepdim=True)
+    return (p * (scale * keep).unsqueeze(-1)).to(logits.dtype)
+
+
+def _fake(logits, target, shared, reduction, ignore_index):
+    n, b = logits.shape[0], logits.shape[1]
+    return logits.new_empty((n, b) if reduction == 0 else (n,))
+
+
+torch.library.register_fake("modelbatch::batched_cross_entropy")(_fake)
+torch.library.register_fake("modelbatch::batched_cross_entropy_backward")(
+    lambda grad, logits, *rest: torch.empty_like(logits)
+)
+IMPL.impl("batched_cross_entropy", reference, "CUDA")
+IMPL.impl("batched_cross_entropy_backward", reference_backward, "CUDA")
+if not _backend.c_extension_loaded():
+    IMPL.impl("batched_cross_entropy", reference, "CPU")
+    IMPL.impl("batched_cross_entropy_backward", reference_backward, "CPU")
+
+
+def _setup(ctx, inputs, output):
+    logits, target, shared, reduction, ignore_index = inputs
+    ctx.save_for_backward(logits, target)
+    ctx.args = (shared, reduction, ignore_index)
+
+
+def _backward(ctx, grad):
+    logits, target = ctx.saved_tensors
+    g = torch.ops.modelbatch.batched_cross_entropy_backward(grad, logits, target, *ctx.args)
+    return g, None, None, None, None
+
+
+torch.library.register_autograd(
+    "modelbatch::batched_cross_entropy", _backward, setup_context=_setup
+)
+
+
+def batched_cross_entropy(logits, target, shared, reduction, ignore_index=-100) -> Tensor:
+    return torch.ops.modelbatch.batched_cross_entropy(
+        logits, target, shared, reduction, ignore_index
+    )
+
+
+@torch.library.custom_op("modelbatch::cross_entropy", mutates_args=())
+def cross_entropy(input: Tensor, target: Tensor, reduction: int, ignore_index: int) -> Tensor:
+    red = {v: k for k, v in REDUCTIONS.items()}[reduction]
+    return F.cross_entropy(input, target, reduction=red, ignore_index=ignore_index)
+
+
+@cross_entropy.register_fake
+def _(input, target, reduction, ignore_index):
+    return input.new_empty((input.shape[0],) if reduction == 0 else ())
+
+
+def _ce_setup(ctx, inputs, output):
+    input, target, reduction, ignore_index = inputs
+    ctx.save_for_backward(input, target)
+    ctx.args = (reduction, ignore_index)
+
+
+def _ce_backward(ctx, grad):
+    input, target = ctx.saved_tensors
+    reduction, ignore_index = ctx.args
+    g = grad.unsqueeze(0) if reduction == 0 else grad.reshape(1)
+    gi = torch.ops.modelbatch.batched_cross_entropy_backward(
+        g, input.unsqueeze(0), target, True, reduction, ignore_index
+    )
+    return gi.squeeze(0), None, None, None
+
+
+cross_entropy.register_autograd(_ce_backward, setup_context=_ce_setup)
+
+
+def _vmap_rule(info, in_dims, input, target, reduction, ignore_index):
+    xd, td = in_dims[0], in_dims[1]
+    n = info.batch_size
+    x = input.movedim(xd, 0) if xd is not None else input.expand(n, *input.shape)
+    if td is None:
+        out = batched_cross_entropy(x, target, True, reduction, ignore_index)
+    else:
+        out = batched_cross_entropy(x, target.movedim(td, 0), False, reduction, ignore_index)
+    return out, 0
+
+
+torch.library.register_vmap("modelbatch::cross_entropy", _vmap_rule)
+
+
+def route(
+    input,
+    target,
+    weight=None,
+    size_average=None,
+    ignore_index=-100,
+    reduce=None,
+    reduction="mean",
+    label_smoothing=0.0,
+):
+    """``F.cross_entropy`` with its own signature: the covered cases go to
+    ``modelbatch::cross_entropy``, the rest to ``F.cross_entropy``."""
+    covered = (
+        weight is None
+        and size_average is None
+        and reduce is None
+        and label_smoothing == 0.0
+        and reduction in REDUCTIONS
+        and isinstance(input, Tensor)
+        and isinstance(target, Tensor)
+        and input.dim() == 2
+        and target.dim() == 1
+        and target.dtype == torch.int64
+        and input.is_floating_point()
+    )
+    if not covered:
+        return F.cross_entropy(
+            input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
+        )
+    return cross_entropy(input, target, REDUCTIONS[reduction], ignore_index)

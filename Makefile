@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.modelbatch-built
 SOURCES := pyproject.toml CMakeLists.txt scripts/setup.sh $(wildcard csrc/*.cpp csrc/*.h)
 
-.PHONY: setup demo test lint bench bench-quick clean
+.PHONY: setup demo test lint bench bench-quick gpu clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ bench: setup
 
 bench-quick: setup
 	$(PY) benchmarks/bench.py --quick
+
+# On a CUDA machine: tests (CUDA included) + GPU benchmarks -> benchmarks/results/<gpu>/
+gpu:
+	VENV=$(VENV) bash scripts/gpu_check.sh
 
 clean:
 	rm -rf build dist $(VENV)

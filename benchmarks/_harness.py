@@ -58,11 +58,17 @@ def median_time(
 
 
 def interleaved_times(
-    fns: dict[str, Callable[[], object]], *, repeats: int = 15, warmup: int = 3, device: str = "cpu"
+    fns: dict[str, Callable[[], object]],
+    *,
+    repeats: int = 15,
+    warmup: int = 3,
+    device: str = "cpu",
+    block: int = 1,
 ) -> dict[str, float]:
     """Median seconds per call of each function, timed in interleaved rounds.
 
-    Each round times every function once, so a slow spell of a shared machine
+    Each round times every function once (``block`` back-to-back calls, averaged),
+    so a slow spell of a shared machine
     (other tenants, frequency changes) hits all methods alike instead of whichever
     happened to run at that moment.
     """
@@ -74,9 +80,10 @@ def interleaved_times(
     for _ in range(repeats):
         for k, fn in fns.items():
             t0 = time.perf_counter()
-            fn()
+            for _ in range(block):
+                fn()
             sync(device)
-            times[k].append(time.perf_counter() - t0)
+            times[k].append((time.perf_counter() - t0) / block)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

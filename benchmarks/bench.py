@@ -16,7 +16,8 @@ warm-up excluded):
   modelbatch     modelbatch.ModelBatch + modelbatch.optim.Adam with a different
                  learning rate for every model.
 Plus the optimizer step alone on the same stacked tensors: modelbatch.optim.Adam
-against torch.optim.Adam(foreach=True) and (fused=True).
+against torch.optim.Adam(foreach=True) and (fused=True), each timed in blocks of
+back-to-back steps (a microbenchmark: state as warm as the caches allow).
 
 GFLOP/s counts 6 x B x (weights per model) x N per step (forward 2, backward 4),
 reported against this machine's measured float32 GEMM rate. Optimizer GB/s counts
@@ -162,7 +163,9 @@ def time_optimizers(w, n, device, repeats) -> dict[str, float]:
     fns = {"modelbatch": mb.optim.Adam(batch, lr=lrs(n)).step}
     for name, kw in (("torch_foreach", {"foreach": True}), ("torch_fused", {"fused": True})):
         fns[name] = torch.optim.Adam(list(batch.parameters()), lr=1e-3, **kw).step
-    return H.interleaved_times(fns, repeats=max(repeats, 5) * 4, device=device)
+    # A microbenchmark of the step itself: each method runs in blocks of back-to-back
+    # calls (its state as warm as the cache allows), blocks interleaved across methods.
+    return H.interleaved_times(fns, repeats=max(repeats, 5) * 2, device=device, block=10)
 
 
 def main(argv=None) -> dict:

@@ -47,6 +47,8 @@ TORCH_LIBRARY(modelbatch, m) {
   m.def(
       "batched_cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, bool shared, "
       "int reduction, int ignore_index) -> Tensor");
+  m.def(
+      "small_bmm(Tensor a, Tensor b, bool trans_a, bool trans_b, Tensor? bias) -> Tensor");
 }
 
 extern "C" {

@@ -27,4 +27,7 @@ SCHEMAS = {
         "batched_cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, bool shared, "
         "int reduction, int ignore_index) -> Tensor"
     ),
+    "small_bmm": (
+        "small_bmm(Tensor a, Tensor b, bool trans_a, bool trans_b, Tensor? bias) -> Tensor"
+    ),
 }

@@ -9,9 +9,9 @@ Two ops:
 * ``modelbatch::batched_linear(x, weight, bias, shared)`` takes an explicit model
   axis: ``weight [N, O, I]``, ``bias [N, O]`` (or None) and either a shared input
   ``x [M, I]`` (``shared=True``) or per-model inputs ``x [N, M, I]``; it returns a
-  contiguous ``[N, M, O]``. Forward and weight gradient are each one batched GEMM
-  (``baddbmm`` / ``bmm``; a shared input is broadcast with a zero stride, never
-  copied), the bias is fused into the forward GEMM.
+  contiguous ``[N, M, O]``. Forward, weight gradient and input gradient are each one
+  batched GEMM (``modelbatch::small_bmm``; a shared input is broadcast with a zero
+  stride, never copied), the bias is fused into the forward GEMM.
 
 Plain vmap of ``F.linear`` with a shared input leaves its output with the model
 axis in the middle of memory, so every later op of the model (activations, the
@@ -26,13 +26,18 @@ import torch
 from torch import Tensor
 
 
+def _gemm(a: Tensor, b: Tensor, trans_a: bool, trans_b: bool, bias: Tensor | None) -> Tensor:
+    # modelbatch::small_bmm: the C++ register-blocked kernel for the small per-model
+    # products on CPU (it falls back to torch.bmm where that is faster); torch.bmm
+    # semantics elsewhere.
+    return torch.ops.modelbatch.small_bmm(a, b, trans_a, trans_b, bias)
+
+
 @torch.library.custom_op("modelbatch::batched_linear", mutates_args=())
 def batched_linear(x: Tensor, weight: Tensor, bias: Tensor | None, shared: bool) -> Tensor:
     n, _, i = weight.shape
     xb = x.expand(n, x.shape[0], i) if shared else x
-    if bias is None:
-        return torch.bmm(xb, weight.transpose(1, 2))
-    return torch.baddbmm(bias.unsqueeze(1), xb, weight.transpose(1, 2))
+    return _gemm(xb, weight, False, True, bias)
 
 
 @batched_linear.register_fake
@@ -55,7 +60,7 @@ def _backward(ctx, grad):
     gx = gw = gb = None
     xb = x.expand(n, x.shape[0], i) if ctx.shared else x
     if ctx.needs_input_grad[1]:
-        gw = torch.bmm(grad.transpose(1, 2), xb)
+        gw = _gemm(grad, xb, True, False, None)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         gb = grad.sum(1)
     if ctx.needs_input_grad[0]:
@@ -63,7 +68,7 @@ def _backward(ctx, grad):
             # sum over models and outputs in one GEMM: [M, N*O] @ [N*O, I]
             gx = grad.transpose(0, 1).reshape(grad.shape[1], n * o) @ weight.reshape(n * o, i)
         else:
-            gx = torch.bmm(grad, weight)
+            gx = _gemm(grad, weight, False, False, None)
     return gx, gw, gb, None
 
 

@@ -58,16 +58,19 @@ inline int64_t check_target(int64_t t, int64_t c, int64_t ignore_index) {
   return t;
 }
 
-at::Tensor ce_forward_cpu(const at::Tensor& logits_in, const at::Tensor& target_in, bool shared,
-                          int64_t reduction, int64_t ignore_index) {
+std::tuple<at::Tensor, at::Tensor> ce_forward_cpu(const at::Tensor& logits_in,
+                                                  const at::Tensor& target_in, bool shared,
+                                                  int64_t reduction, int64_t ignore_index) {
   check_args(logits_in, target_in, shared, reduction);
   const auto logits = logits_in.contiguous();
   const auto target = target_in.contiguous();
   const int64_t n = logits.size(0), b = logits.size(1), c = logits.size(2);
-  at::Tensor out;
+  at::Tensor out, lse_out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_fwd", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     auto rows = at::empty({n, b}, logits.options().dtype(c10::CppTypeToScalarType<opmath_t>::value));
+    lse_out = at::empty({n, b}, rows.options());
+    opmath_t* lse = lse_out.data_ptr<opmath_t>();
     auto counted = at::empty({n, b}, logits.options().dtype(at::kBool));
     const scalar_t* x = logits.data_ptr<scalar_t>();
     const int64_t* t = target.data_ptr<int64_t>();
@@ -77,13 +80,14 @@ at::Tensor ce_forward_cpu(const at::Tensor& logits_in, const at::Tensor& target_
                      [&](int64_t lo, int64_t hi) {
       for (int64_t row = lo; row < hi; ++row) {
         const int64_t tgt = check_target(t[shared ? row % b : row], c, ignore_index);
+        const scalar_t* xr = x + row * c;
+        lse[row] = row_logsumexp<scalar_t, opmath_t>(xr, c);
         if (tgt == ignore_index) {
           r[row] = 0;
           cnt[row] = false;
           continue;
         }
-        const scalar_t* xr = x + row * c;
-        r[row] = row_logsumexp<scalar_t, opmath_t>(xr, c) - static_cast<opmath_t>(xr[tgt]);
+        r[row] = lse[row] - static_cast<opmath_t>(xr[tgt]);
         cnt[row] = true;
       }
     });
@@ -95,53 +99,32 @@ at::Tensor ce_forward_cpu(const at::Tensor& logits_in, const at::Tensor& target_
       out = total.to(logits.scalar_type());
     }
   });
-  return out;
+  return {out, lse_out};
 }
 
-at::Tensor ce_backward_cpu(const at::Tensor& grad_in, const at::Tensor& logits_in,
-                           const at::Tensor& target_in, bool shared, int64_t reduction,
-                           int64_t ignore_index) {
+// The gradient from the saved per-row log-sum-exp: softmax = exp(x - lse), minus 1 at
+// the target, times the row's output-gradient scale. Built from ATen's vectorised
+// elementwise ops (one exp per element, no second max/sum pass over the row).
+at::Tensor ce_backward_cpu(const at::Tensor& grad, const at::Tensor& logits_in,
+                           const at::Tensor& lse, const at::Tensor& target_in, bool shared,
+                           int64_t reduction, int64_t ignore_index) {
   check_args(logits_in, target_in, shared, reduction);
-  const auto logits = logits_in.contiguous();
-  const auto target = target_in.contiguous();
-  const int64_t n = logits.size(0), b = logits.size(1), c = logits.size(2);
-  auto grad_logits = at::empty_like(logits);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_bwd", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const int64_t* t = target.data_ptr<int64_t>();
-    // Per-row output-gradient scale: g[n] (/ count for mean) or g[n, b] for none.
-    at::Tensor scale;
-    if (reduction == kNone) {
-      scale = grad_in.to(c10::CppTypeToScalarType<opmath_t>::value).contiguous();
-    } else {
-      auto tgt = shared ? target.unsqueeze(0).expand({n, b}) : target;
-      auto g = grad_in.to(c10::CppTypeToScalarType<opmath_t>::value).reshape({n, 1});
-      if (reduction == kMean) g = g / tgt.ne(ignore_index).sum(1, true).to(g.scalar_type());
-      scale = g.expand({n, b}).contiguous();
-    }
-    const opmath_t* s = scale.data_ptr<opmath_t>();
-    const scalar_t* x = logits.data_ptr<scalar_t>();
-    scalar_t* gx = grad_logits.data_ptr<scalar_t>();
-    at::parallel_for(0, n * b, std::max<int64_t>(1, 4096 / std::max<int64_t>(c, 1)),
-                     [&](int64_t lo, int64_t hi) {
-      for (int64_t row = lo; row < hi; ++row) {
-        const int64_t tgt = t[shared ? row % b : row];
-        const scalar_t* xr = x + row * c;
-        scalar_t* gr = gx + row * c;
-        if (tgt == ignore_index) {
-          for (int64_t k = 0; k < c; ++k) gr[k] = scalar_t(0);
-          continue;
-        }
-        const opmath_t lse = row_logsumexp<scalar_t, opmath_t>(xr, c);
-        const opmath_t sr = s[row];
-        for (int64_t k = 0; k < c; ++k) {
-          const opmath_t p = std::exp(static_cast<opmath_t>(xr[k]) - lse);
-          gr[k] = static_cast<scalar_t>(sr * (p - (k == tgt ? opmath_t(1) : opmath_t(0))));
-        }
-      }
-    });
-  });
-  return grad_logits;
+  const int64_t n = logits_in.size(0), b = logits_in.size(1);
+  const auto opmath = lse.scalar_type();
+  auto tgt = shared ? target_in.unsqueeze(0).expand({n, b}) : target_in;
+  auto keep = tgt.ne(ignore_index);
+  auto p = (logits_in.to(opmath) - lse.unsqueeze(-1)).exp_();
+  p.scatter_add_(2, tgt.masked_fill(keep.logical_not(), 0).unsqueeze(-1),
+                 at::full({n, b, 1}, -1.0, p.options()));
+  at::Tensor scale;
+  if (reduction == kNone) {
+    scale = grad.to(opmath) * keep;
+  } else {
+    auto g = grad.to(opmath).reshape({n, 1});
+    if (reduction == kMean) g = g / keep.sum(1, true).to(opmath);
+    scale = g * keep;
+  }
+  return p.mul_(scale.unsqueeze(-1)).to(logits_in.scalar_type());
 }
 
 }  // namespace

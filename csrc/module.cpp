@@ -43,10 +43,10 @@ TORCH_LIBRARY(modelbatch, m) {
       "Tensor weight_decay, Tensor nesterov) -> ()");
   m.def(
       "batched_cross_entropy(Tensor logits, Tensor target, bool shared, int reduction, "
-      "int ignore_index) -> Tensor");
+      "int ignore_index) -> (Tensor, Tensor)");
   m.def(
-      "batched_cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, bool shared, "
-      "int reduction, int ignore_index) -> Tensor");
+      "batched_cross_entropy_backward(Tensor grad, Tensor logits, Tensor lse, Tensor target, "
+      "bool shared, int reduction, int ignore_index) -> Tensor");
   m.def(
       "small_bmm(Tensor a, Tensor b, bool trans_a, bool trans_b, Tensor? bias) -> Tensor");
 }

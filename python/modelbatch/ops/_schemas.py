@@ -21,11 +21,11 @@ SCHEMAS = {
     ),
     "batched_cross_entropy": (
         "batched_cross_entropy(Tensor logits, Tensor target, bool shared, int reduction, "
-        "int ignore_index) -> Tensor"
+        "int ignore_index) -> (Tensor, Tensor)"
     ),
     "batched_cross_entropy_backward": (
-        "batched_cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, bool shared, "
-        "int reduction, int ignore_index) -> Tensor"
+        "batched_cross_entropy_backward(Tensor grad, Tensor logits, Tensor lse, Tensor target, "
+        "bool shared, int reduction, int ignore_index) -> Tensor"
     ),
     "small_bmm": (
         "small_bmm(Tensor a, Tensor b, bool trans_a, bool trans_b, Tensor? bias) -> Tensor"

@@ -29,28 +29,30 @@ REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
 def reference(
     logits: Tensor, target: Tensor, shared: bool, reduction: int, ignore_index: int
-) -> Tensor:
-    """Pure-torch oracle of ``batched_cross_entropy``."""
+) -> tuple[Tensor, Tensor]:
+    """Pure-torch oracle of ``batched_cross_entropy``: (losses, per-row logsumexp)."""
     n, b, _ = logits.shape
     t = target.expand(n, b) if shared else target
     keep = t != ignore_index
-    lp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
-    rows = -lp.gather(-1, torch.where(keep, t, 0).unsqueeze(-1)).squeeze(-1) * keep
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    lse = torch.logsumexp(x, -1)
+    picked = x.gather(-1, torch.where(keep, t, 0).unsqueeze(-1)).squeeze(-1)
+    rows = (lse - picked) * keep
     if reduction == 0:
-        return rows.to(logits.dtype)
+        return rows.to(logits.dtype), lse
     total = rows.sum(1)
     if reduction == 1:
         total = total / keep.sum(1)
-    return total.to(logits.dtype)
+    return total.to(logits.dtype), lse
 
 
-def reference_backward(grad, logits, target, shared, reduction, ignore_index):
+def reference_backward(grad, logits, lse, target, shared, reduction, ignore_index):
     """Pure-torch gradient of ``batched_cross_entropy`` w.r.t. the logits."""
     n, b, c = logits.shape
     t = target.expand(n, b) if shared else target
     keep = t != ignore_index
-    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    p = torch.softmax(x, -1) - F.one_hot(torch.where(keep, t, 0), c).to(x.dtype)
+    x = logits.to(lse.dtype)
+    p = torch.exp(x - lse.unsqueeze(-1)) - F.one_hot(torch.where(keep, t, 0), c).to(x.dtype)
     if reduction == 0:
         scale = grad.to(x.dtype)
     else:
@@ -62,7 +64,8 @@ def reference_backward(grad, logits, target, shared, reduction, ignore_index):
 
 def _fake(logits, target, shared, reduction, ignore_index):
     n, b = logits.shape[0], logits.shape[1]
-    return logits.new_empty((n, b) if reduction == 0 else (n,))
+    lse = logits.new_empty((n, b), dtype=torch.promote_types(logits.dtype, torch.float32))
+    return logits.new_empty((n, b) if reduction == 0 else (n,)), lse
 
 
 torch.library.register_fake("modelbatch::batched_cross_entropy")(_fake)
@@ -78,13 +81,13 @@ if not _backend.c_extension_loaded():
 
 def _setup(ctx, inputs, output):
     logits, target, shared, reduction, ignore_index = inputs
-    ctx.save_for_backward(logits, target)
+    ctx.save_for_backward(logits, output[1], target)
     ctx.args = (shared, reduction, ignore_index)
 
 
-def _backward(ctx, grad):
-    logits, target = ctx.saved_tensors
-    g = torch.ops.modelbatch.batched_cross_entropy_backward(grad, logits, target, *ctx.args)
+def _backward(ctx, grad, _grad_lse):
+    logits, lse, target = ctx.saved_tensors
+    g = torch.ops.modelbatch.batched_cross_entropy_backward(grad, logits, lse, target, *ctx.args)
     return g, None, None, None, None
 
 
@@ -94,9 +97,11 @@ torch.library.register_autograd(
 
 
 def batched_cross_entropy(logits, target, shared, reduction, ignore_index=-100) -> Tensor:
-    return torch.ops.modelbatch.batched_cross_entropy(
+    """The per-model losses (the op's second output, the saved log-sum-exp, dropped)."""
+    out = torch.ops.modelbatch.batched_cross_entropy(
         logits, target, shared, reduction, ignore_index
     )
+    return out[0]
 
 
 @torch.library.custom_op("modelbatch::cross_entropy", mutates_args=())
@@ -120,8 +125,10 @@ def _ce_backward(ctx, grad):
     input, target = ctx.saved_tensors
     reduction, ignore_index = ctx.args
     g = grad.unsqueeze(0) if reduction == 0 else grad.reshape(1)
+    x = input.unsqueeze(0)
+    lse = torch.logsumexp(x.to(torch.promote_types(x.dtype, torch.float32)), -1)
     gi = torch.ops.modelbatch.batched_cross_entropy_backward(
-        g, input.unsqueeze(0), target, True, reduction, ignore_index
+        g, x, lse, target, True, reduction, ignore_index
     )
     return gi.squeeze(0), None, None, None
 

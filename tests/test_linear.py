@@ -85,3 +85,53 @@ def test_opcheck(shared):
     x, w, b = _inputs(3, 5, 7, 2, shared, True)
     torch.library.opcheck(torch.ops.modelbatch.batched_linear.default, (x, w, b, shared))
     torch.library.opcheck(torch.ops.modelbatch.linear.default, (x if shared else x[0], w[0], b[0]))
+
+
+def test_modelbatch_takes_the_fast_path_and_matches_the_dispatcher_path(monkeypatch):
+    """Inside ModelBatch the interception unwraps vmap's tensors and calls the batched
+    op directly; the dispatcher path (the op's vmap rule) must give the same result."""
+    import modelbatch as mb
+    from modelbatch import interception
+
+    torch.manual_seed(0)
+    models = [
+        torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
+        for _ in range(4)
+    ]
+    batch = mb.ModelBatch(models)
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    handled = []
+    fast_fn = interception._fast_linear
+
+    def counting_fast(*args, **kwargs):
+        out = fast_fn(*args, **kwargs)
+        handled.append(out is not interception._NOT_HANDLED)
+        return out
+
+    monkeypatch.setitem(interception._ROUTES, torch._C._nn.linear, (counting_fast, lin.linear))
+    fast = batch.compute_loss(batch(x), y, F.cross_entropy, reduction="none")
+    assert handled == [True, True]
+    fast.sum().backward()
+    fast_grads = [p.grad.clone() for p in batch.parameters()]
+    batch.zero_grad()
+
+    def no_fast(*args, **kwargs):
+        return interception._NOT_HANDLED
+
+    calls = []
+    general = lin.linear
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return general(*args, **kwargs)
+
+    monkeypatch.setitem(interception._ROUTES, torch._C._nn.linear, (no_fast, counting))
+    monkeypatch.setitem(interception._ROUTES, F.linear, (no_fast, counting))
+    slow = batch.compute_loss(batch(x), y, F.cross_entropy, reduction="none")
+    slow.sum().backward()
+    assert len(calls) == 2  # the dispatcher path really ran, once per layer
+    torch.testing.assert_close(fast, slow)
+    for a, p in zip(fast_grads, batch.parameters()):
+        torch.testing.assert_close(a, p.grad)
+    ref = torch.stack([F.cross_entropy(m(x), y) for m in models])
+    torch.testing.assert_close(fast, ref)

@@ -136,23 +136,24 @@ def _ce_backward(ctx, grad):
 cross_entropy.register_autograd(_ce_backward, setup_context=_ce_setup)
 
 
-def _vmap_rule(info, in_dims, input, target, reduction, ignore_index):
-    xd, td = in_dims[0], in_dims[1]
-    n = info.batch_size
-    x = input.movedim(xd, 0) if xd is not None else input.expand(n, *input.shape)
+def batched_call(x, xd, target, td, reduction: int, ignore_index: int):
+    """The batched op on unwrapped vmap operands: x batched at dim ``xd`` (or
+    None), target at ``td`` (or None, shared). Returns (out, out_dim=0)."""
+    n = x.shape[xd] if xd is not None else target.shape[td]
+    x = x.movedim(xd, 0) if xd is not None else x.expand(n, *x.shape)
     if td is None:
-        out = batched_cross_entropy(x, target, True, reduction, ignore_index)
-    else:
-        out = batched_cross_entropy(x, target.movedim(td, 0), False, reduction, ignore_index)
-    return out, 0
+        return batched_cross_entropy(x, target, True, reduction, ignore_index), 0
+    return batched_cross_entropy(x, target.movedim(td, 0), False, reduction, ignore_index), 0
+
+
+def _vmap_rule(info, in_dims, input, target, reduction, ignore_index):
+    return batched_call(input, in_dims[0], target, in_dims[1], reduction, ignore_index)
 
 
 torch.library.register_vmap("modelbatch::cross_entropy", _vmap_rule)
 
 
-def route(
-    input,
-    target,
+def _bind(
     weight=None,
     size_average=None,
     ignore_index=-100,
@@ -160,9 +161,14 @@ def route(
     reduction="mean",
     label_smoothing=0.0,
 ):
-    """``F.cross_entropy`` with its own signature: the covered cases go to
-    ``modelbatch::cross_entropy``, the rest to ``F.cross_entropy``."""
-    covered = (
+    return weight, size_average, ignore_index, reduce, reduction, label_smoothing
+
+
+def covers(input, target, *args, **kwargs) -> bool:
+    """Whether ``F.cross_entropy(input, target, *args, **kwargs)`` is a case of
+    ``modelbatch::cross_entropy`` (shapes as one model sees them)."""
+    weight, size_average, _, reduce, reduction, label_smoothing = _bind(*args, **kwargs)
+    return (
         weight is None
         and size_average is None
         and reduce is None
@@ -175,8 +181,16 @@ def route(
         and target.dtype == torch.int64
         and input.is_floating_point()
     )
-    if not covered:
-        return F.cross_entropy(
-            input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
-        )
-    return cross_entropy(input, target, REDUCTIONS[reduction], ignore_index)
+
+
+def reduction_and_ignore(*args, **kwargs) -> tuple[int, int]:
+    _, _, ignore_index, _, reduction, _ = _bind(*args, **kwargs)
+    return REDUCTIONS[reduction], ignore_index
+
+
+def route(input, target, *args, **kwargs):
+    """``F.cross_entropy`` with its own signature: the covered cases go to
+    ``modelbatch::cross_entropy``, the rest to ``F.cross_entropy``."""
+    if not covers(input, target, *args, **kwargs):
+        return F.cross_entropy(input, target, *args, **kwargs)
+    return cross_entropy(input, target, *reduction_and_ignore(*args, **kwargs))

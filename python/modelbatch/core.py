@@ -8,6 +8,7 @@ one call computes all N models and one ``backward`` fills the stacked grads.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -239,10 +240,8 @@ class ModelBatch(nn.Module):
         fastpath = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
         try:
-            if self.intercept:
-                with ModelBatchMode():
-                    return self._vmapped(params, buffers, tuple(args), dict(kwargs))
-            return self._vmapped(params, buffers, tuple(args), dict(kwargs))
+            with self._interception():
+                return self._vmapped(params, buffers, tuple(args), dict(kwargs))
         except RuntimeError as err:
             if not _SHAPE_ERROR.search(str(err)):
                 raise
@@ -258,6 +257,10 @@ class ModelBatch(nn.Module):
             ) from err
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
+
+    def _interception(self):
+        """The routing mode of :mod:`modelbatch.interception`, or nothing."""
+        return ModelBatchMode() if self.intercept else contextlib.nullcontext()
 
     def enable_compile(self, **kwargs: Any) -> ModelBatch:
         """Run the vectorised forward under ``torch.compile(**kwargs)``."""
@@ -301,10 +304,7 @@ class ModelBatch(nn.Module):
         per_model = self._targets_per_model(first, targets, targets_per_model)
         t_dim = 0 if per_model else None
         loss_vmap = vmap(loss_fn, in_dims=(0, t_dim), randomness="different")
-        if self.intercept:
-            with ModelBatchMode():
-                losses = loss_vmap(outputs, targets)
-        else:
+        with self._interception():
             losses = loss_vmap(outputs, targets)
         if not isinstance(losses, torch.Tensor) or losses.shape != (self.num_models,):
             shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses)

@@ -49,6 +49,10 @@ TORCH_LIBRARY(modelbatch, m) {
       "bool shared, int reduction, int ignore_index) -> Tensor");
   m.def(
       "small_bmm(Tensor a, Tensor b, bool trans_a, bool trans_b, Tensor? bias) -> Tensor");
+  m.def("philox4x32(Tensor counter, Tensor key) -> Tensor");
+  m.def(
+      "batched_dropout(Tensor x, Tensor seeds, Tensor offsets, float p, int repeat, int kind, "
+      "bool grad) -> Tensor");
 }
 
 extern "C" {

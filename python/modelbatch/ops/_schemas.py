@@ -30,4 +30,9 @@ SCHEMAS = {
     "small_bmm": (
         "small_bmm(Tensor a, Tensor b, bool trans_a, bool trans_b, Tensor? bias) -> Tensor"
     ),
+    "philox4x32": "philox4x32(Tensor counter, Tensor key) -> Tensor",
+    "batched_dropout": (
+        "batched_dropout(Tensor x, Tensor seeds, Tensor offsets, float p, int repeat, int kind, "
+        "bool grad) -> Tensor"
+    ),
 }

@@ -247,6 +247,7 @@ def test_save_all_load_all_and_corrupt_files(tmp_path):
         "model_1.pt",
         "model_2.pt",
         "modelbatch.json",
+        "rng.pt",
     ]
     # a saved model file is a plain state_dict loadable by the original class
     plain = MLP()
@@ -257,8 +258,10 @@ def test_save_all_load_all_and_corrupt_files(tmp_path):
     with torch.no_grad():
         for p in other.parameters():
             p.zero_()
+    assert not torch.equal(other.seeds, batch.seeds)
     other.load_all(tmp_path)
     assert torch.allclose(other(x), batch(x), atol=1e-6)
+    assert torch.equal(other.seeds, batch.seeds)  # the random streams come back too
     before = [p.clone() for p in other.parameters()]
     (tmp_path / "model_2.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"model_2\.pt is missing or corrupt"):

@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.utils._pytree import tree_flatten
 
+from modelbatch import rng as _rng
 from modelbatch.allocator import tune_cpu_allocator
 from modelbatch.interception import ModelBatchMode
 
@@ -29,6 +30,8 @@ _SHAPE_ERROR = re.compile(
     r"shape|size|dimension|mat1 and mat2|expected input|Expected .*input", re.IGNORECASE
 )
 _META_FILE = "modelbatch.json"
+_RNG_FILE = "rng.pt"
+_RNG_BUFFERS = ("rng_seeds", "rng_offsets")
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -88,22 +91,6 @@ def _safe(name: str) -> str:
     return name.replace(".", "__")
 
 
-def _resolve_seeds(seeds: int | Sequence[int] | torch.Tensor | None, n: int) -> torch.Tensor | None:
-    if seeds is None:
-        return None
-    if isinstance(seeds, bool):
-        raise ValueError("seeds must be an int or a sequence of N ints, not a bool")
-    if isinstance(seeds, int):
-        # Documented derivation: model i gets seed + i.
-        return torch.arange(n, dtype=torch.int64) + seeds
-    out = torch.as_tensor(list(seeds) if not isinstance(seeds, torch.Tensor) else seeds)
-    if out.dim() != 1 or out.numel() != n:
-        raise ValueError(f"seeds: expected an int or {n} values (one per model), got {out.numel()}")
-    if out.is_floating_point():
-        raise ValueError("seeds must be integers")
-    return out.to(torch.int64).cpu()
-
-
 class ModelBatch(nn.Module):
     """N structurally identical models trained as one.
 
@@ -112,7 +99,24 @@ class ModelBatch(nn.Module):
             Their current weights and buffers are copied; the list is not modified.
         shared_input: if True every model sees the same input ``[B, ...]``; otherwise
             model i sees ``inputs[i]`` of an input ``[N, B, ...]``.
-        seeds: an int (model i gets ``seeds + i``) or N ints; kept as ``batch.seeds``.
+        seeds: the per-model seeds ``[N]`` (``batch.seeds``): an int ``s`` gives model i
+            the seed ``s + i``; a sequence or tensor gives them one by one. Default:
+            N seeds drawn from torch's global generator (so ``torch.manual_seed``
+            before construction fixes them).
+        rng: where the models' random calls (dropout and friends, attention
+            dropout; see :mod:`modelbatch.rng`) draw from:
+
+            * ``"philox"`` (default): model i's own counter-based Philox stream keyed
+              by ``seeds[i]``; its masks do not depend on N, on its position, on the
+              device or on the thread count; one kernel launch per call for all N.
+            * ``"torch"``: model i replays plain PyTorch after
+              ``torch.manual_seed(seeds[i])`` exactly, bit for bit. Loops over the
+              models in Python on every random call (slow; for checking).
+            * ``None``: vmap's ``randomness="different"``: one shared generator, so
+              models with dropout do not train as they would alone.
+
+            The stream state is part of ``state_dict()``. Any other random op inside
+            a model's forward raises with ``"philox"`` / ``"torch"``.
         intercept: route ``F.linear`` & co. to modelbatch's batched ops during forward
             (see :mod:`modelbatch.interception`); False runs plain vmap.
 
@@ -126,6 +130,7 @@ class ModelBatch(nn.Module):
         shared_input: bool = True,
         *,
         seeds: int | Sequence[int] | torch.Tensor | None = None,
+        rng: str | None = "philox",
         intercept: bool = True,
     ) -> None:
         super().__init__()
@@ -134,7 +139,12 @@ class ModelBatch(nn.Module):
         check_compatible(models)
         self.num_models = len(models)
         self.shared_input = bool(shared_input)
-        self.seeds = _resolve_seeds(seeds, self.num_models)
+        if rng not in (*_rng.RNG_KINDS, None):
+            raise ValueError(f"rng must be one of {_rng.RNG_KINDS} or None, got {rng!r}")
+        self.rng = rng
+        seeds = _rng.resolve_seeds(seeds, self.num_models)
+        if seeds is None and rng is not None:
+            seeds = _rng.draw_seeds(self.num_models)
         template = copy.deepcopy(models[0])
         # Not a submodule: its own weights are never used (functional_call swaps in
         # the stacked ones) and must not show up in parameters() or state_dict().
@@ -159,9 +169,94 @@ class ModelBatch(nn.Module):
                 stacked = torch.stack([m.get_buffer(name).detach() for m in models])
                 self.register_buffer(_safe(name), stacked.clone(), persistent=persistent)
         self._state_keys = self._map_state_keys(template)
+        self._seeds = seeds
+        self._torch_streams = None
+        device = next(iter(self.stacked_params().values()), torch.empty(0)).device
+        if rng == "philox":
+            for name in _RNG_BUFFERS:
+                if name in safe:
+                    raise ValueError(f"the models have a parameter or buffer named {name!r}")
+            self.register_buffer("rng_seeds", seeds.to(device))
+            self.register_buffer("rng_offsets", torch.zeros_like(self.rng_seeds))
+        elif rng == "torch":
+            self._torch_streams = _rng.TorchStreams(seeds)
         self._vmapped = self._forward_impl
         self._allocator_checked = False
         self.latest_losses: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------------- rng
+    @property
+    def seeds(self) -> torch.Tensor | None:
+        """The per-model seeds, int64 ``[N]`` on the CPU (None without any)."""
+        if self.rng == "philox":
+            return self.rng_seeds.cpu()
+        if self.rng == "torch":
+            return self._torch_streams.seeds
+        return self._seeds
+
+    def _streams(self):
+        if self.rng == "philox":
+            return _rng.PhiloxStreams(self.rng_seeds, self.rng_offsets)
+        return self._torch_streams
+
+    def rng_state(self) -> dict[str, Any]:
+        """The random streams' state: ``{"kind", "seeds", ...}`` (CPU tensors).
+
+        Philox: ``"offsets"`` (blocks consumed per model). Torch: the generator
+        states per device, ``"generator_states": {device: uint8 [N, S]}``.
+        """
+        if self.rng is None:
+            return {"kind": None}
+        return self._streams().state()
+
+    def set_rng_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`rng_state` returned; checked before anything changes."""
+        self._check_rng_state(state)
+        if self.rng == "philox":
+            with torch.no_grad():
+                self.rng_seeds.copy_(state["seeds"])
+                self.rng_offsets.copy_(state["offsets"])
+        elif self.rng == "torch":
+            self._torch_streams.seeds = state["seeds"].clone()
+            gens = state["generator_states"]
+            self._torch_streams.load_state({k: v.clone() for k, v in gens.items()})
+
+    def _check_rng_state(self, state: Any) -> None:
+        n = self.num_models
+        kind = state.get("kind", "missing") if isinstance(state, Mapping) else state
+        if kind != self.rng:
+            raise ValueError(f"rng state is for rng={kind!r}, this ModelBatch has rng={self.rng!r}")
+        if self.rng is None:
+            return
+        names = ("seeds", "offsets") if self.rng == "philox" else ("seeds",)
+        for name in names:
+            t = state.get(name)
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.shape != (n,):
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else repr(t)
+                raise ValueError(f"rng state: expected {name} int64 [{n}], got {got}")
+        if self.rng == "torch":
+            gens = state.get("generator_states")
+            if not isinstance(gens, Mapping) or any(
+                not isinstance(v, torch.Tensor)
+                or v.dtype != torch.uint8
+                or v.dim() != 2
+                or len(v) != n
+                for v in gens.values()
+            ):
+                raise ValueError(f"rng state: expected generator_states {{device: uint8 [{n}, S]}}")
+
+    def get_extra_state(self) -> dict[str, Any]:
+        # Philox state is in buffers already; the torch generators' live here.
+        if self.rng == "torch":
+            return self.rng_state()
+        return {"kind": self.rng}
+
+    def set_extra_state(self, state: Any) -> None:
+        if self.rng == "torch":
+            self.set_rng_state(state)
+        elif not isinstance(state, Mapping) or state.get("kind") != self.rng:
+            got = state.get("kind") if isinstance(state, Mapping) else state
+            raise ValueError(f"state_dict is for rng={got!r}, this ModelBatch has rng={self.rng!r}")
 
     # ----------------------------------------------------------------- structure
     def _map_state_keys(self, template: nn.Module) -> dict[str, str]:
@@ -223,7 +318,10 @@ class ModelBatch(nn.Module):
         dim = None if self.shared_input else 0
         in_dims = (0, 0, tuple(dim if isinstance(a, torch.Tensor) else None for a in args))
         in_dims += ({k: (dim if isinstance(v, torch.Tensor) else None) for k, v in kwargs.items()},)
-        return vmap(self._call_one, in_dims=in_dims, randomness="different")(
+        # With per-model streams every random call is routed to them, and any other
+        # one must fail loudly rather than share vmap's generator.
+        randomness = "different" if self.rng is None else "error"
+        return vmap(self._call_one, in_dims=in_dims, randomness=randomness)(
             params, buffers, args, kwargs
         )
 
@@ -240,9 +338,17 @@ class ModelBatch(nn.Module):
         fastpath = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
         try:
-            with self._interception():
+            with self._interception(rng=True):
                 return self._vmapped(params, buffers, tuple(args), dict(kwargs))
         except RuntimeError as err:
+            if _rng.VMAP_RANDOM_ERROR in str(err):
+                raise RuntimeError(
+                    f"a model called a random operation that has no per-model stream "
+                    f"(rng={self.rng!r} covers dropout and friends and attention dropout; "
+                    "see modelbatch.rng). Routing it to vmap's shared generator would make "
+                    "the models' randomness depend on each other; pass rng=None to accept "
+                    f"that. vmap said: {err}"
+                ) from err
             if not _SHAPE_ERROR.search(str(err)):
                 raise
             shapes = [tuple(t.shape) for t in leaves if isinstance(t, torch.Tensor)]
@@ -258,9 +364,15 @@ class ModelBatch(nn.Module):
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
 
-    def _interception(self):
-        """The routing mode of :mod:`modelbatch.interception`, or nothing."""
-        return ModelBatchMode() if self.intercept else contextlib.nullcontext()
+    def _interception(self, rng: bool = False):
+        """The routing mode of :mod:`modelbatch.interception`, or nothing.
+
+        ``rng``: route random calls to the per-model streams (forward in training).
+        """
+        streams = self._streams() if rng and self.rng is not None else None
+        if not self.intercept and streams is None:
+            return contextlib.nullcontext()
+        return ModelBatchMode(route_ops=self.intercept, rng=streams)
 
     def enable_compile(self, **kwargs: Any) -> ModelBatch:
         """Run the vectorised forward under ``torch.compile(**kwargs)``."""
@@ -427,8 +539,13 @@ class ModelBatch(nn.Module):
             path = os.path.join(directory, f"model_{i}.pt")
             torch.save(self._model_state(i), path + ".tmp")
             os.replace(path + ".tmp", path)
+        if self.rng is not None:
+            path = os.path.join(directory, _RNG_FILE)
+            torch.save(self.rng_state(), path + ".tmp")
+            os.replace(path + ".tmp", path)
         meta = {
             "num_models": self.num_models,
+            "rng": self.rng,
             "class": f"{type(self._template[0]).__module__}.{type(self._template[0]).__qualname__}",
             "keys": {k: list(self._stacked(c).shape[1:]) for k, c in self._state_keys.items()},
             "seeds": None if self.seeds is None else self.seeds.tolist(),
@@ -439,7 +556,10 @@ class ModelBatch(nn.Module):
         os.replace(path + ".tmp", path)
 
     def load_all(self, directory: str | os.PathLike) -> None:
-        """Load what :meth:`save_all` wrote; every file is read and checked first."""
+        """Load what :meth:`save_all` wrote; every file is read and checked first.
+
+        The random streams' state (``rng.pt``) is restored when the directory has it.
+        """
         meta_path = os.path.join(directory, _META_FILE)
         try:
             with open(meta_path) as f:
@@ -459,7 +579,18 @@ class ModelBatch(nn.Module):
                 states.append(torch.load(path, map_location="cpu", weights_only=True))
             except Exception as err:  # torch.load raises many types on corrupt files
                 raise ValueError(f"load_all: {path} is missing or corrupt: {err}") from err
+        rng_state = None
+        rng_path = os.path.join(directory, _RNG_FILE)
+        if self.rng is not None and os.path.exists(rng_path):
+            try:
+                rng_state = torch.load(rng_path, map_location="cpu", weights_only=True)
+                self._check_rng_state(rng_state)
+            except Exception as err:
+                raise ValueError(f"load_all: {rng_path} is corrupt or does not fit: {err}") from err
+        self._validate_states(states, "load_all")
         self.load_model_states(states)
+        if rng_state is not None:
+            self.set_rng_state(rng_state)
 
     def extra_repr(self) -> str:
         n_params = sum(p[0].numel() for p in self.stacked_params().values())

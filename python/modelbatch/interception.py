@@ -4,7 +4,9 @@ A ``TorchFunctionMode`` is active only inside ``ModelBatch.forward`` and
 ``compute_loss``: users' modules stay unmodified, and code outside a ModelBatch is
 never affected. Routed today: ``F.linear`` (so every ``nn.Linear``) ->
 ``modelbatch::linear``, and ``F.cross_entropy`` (so ``nn.CrossEntropyLoss``) ->
-``modelbatch::cross_entropy`` for the cases that op covers.
+``modelbatch::cross_entropy`` for the cases that op covers (with ``intercept=True``);
+and, when the ModelBatch has per-model random streams, every random call listed in
+:mod:`modelbatch.rng` (dropout and friends, attention dropout) -> that model's stream.
 
 Fast path: when the call's tensors are batched by exactly the vmap that ModelBatch
 runs (the innermost transform, one level deep), the mode unwraps them, calls the
@@ -18,6 +20,8 @@ dispatcher path through those same vmap rules.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import Tensor
 from torch._C import _functorch as _ft
@@ -25,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from modelbatch.ops import cross_entropy as ce_op
 from modelbatch.ops import linear as linear_op
+from modelbatch.rng import CALLS, is_random
 
 _NOT_HANDLED = object()
 
@@ -82,12 +87,68 @@ _ROUTES = {
 }
 
 
+#: ``torch.nn.functional`` functions that make random calls through the module's own
+#: globals. The mode is switched off while it handles a call, so it never sees those
+#: inner calls; for these functions the globals are routed for the call's duration.
+_NESTED_RANDOM = {
+    torch.nn.functional.multi_head_attention_forward: ("dropout", "scaled_dot_product_attention"),
+}
+
+
+class _RoutedGlobals:
+    """Route ``F.<name>`` to the streams while one nested call runs on this thread."""
+
+    def __init__(self, rng, names):
+        self.rng = rng
+        self.names = names
+        self.saved = {}
+
+    def _wrap(self, original):
+        call = CALLS[original]
+        owner = threading.get_ident()
+
+        def routed(*args, **kwargs):
+            if threading.get_ident() == owner and is_random(call, call.bind(args, kwargs)):
+                return self.rng.call(original, call, args, kwargs)
+            return original(*args, **kwargs)
+
+        return routed
+
+    def __enter__(self):
+        ns = torch.nn.functional.__dict__
+        for name in self.names:
+            self.saved[name] = ns[name]
+            ns[name] = self._wrap(ns[name])
+
+    def __exit__(self, *exc):
+        torch.nn.functional.__dict__.update(self.saved)
+
+
 class ModelBatchMode(TorchFunctionMode):
-    """The interception mode; see the module docstring."""
+    """The interception mode; see the module docstring.
+
+    Args:
+        route_ops: route linear and cross-entropy to the batched ops.
+        rng: the per-model streams (:class:`modelbatch.rng.PhiloxStreams` or
+            :class:`~modelbatch.rng.TorchStreams`) random calls draw from, or None.
+    """
+
+    def __init__(self, route_ops: bool = True, rng=None) -> None:
+        super().__init__()
+        self.route_ops = route_ops
+        self.rng = rng
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        route = _ROUTES.get(func)
+        if self.rng is not None:
+            call = CALLS.get(func)
+            if call is not None and is_random(call, call.bind(args, kwargs)):
+                return self.rng.call(func, call, args, kwargs)
+            nested = _NESTED_RANDOM.get(func)
+            if nested is not None:
+                with _RoutedGlobals(self.rng, nested):
+                    return func(*args, **kwargs)
+        route = _ROUTES.get(func) if self.route_ops else None
         if route is not None:
             fast, general = route
             out = fast(*args, **kwargs)

@@ -26,6 +26,7 @@ test: lint
 
 bench: setup
 	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/bench_dropout.py
 
 bench-quick: setup
 	$(PY) benchmarks/bench.py --quick

@@ -9,6 +9,11 @@ Every method gives each of the N models its own mask:
 * ``loop``: ``F.dropout`` per model and a ``torch.stack``, what a per-model loop
   costs (the same work ``rng="torch"`` does, minus its generator swaps).
 
+A second table times one training step (forward, loss, backward, fused SGD) of N
+MLPs with dropout in a ModelBatch: ``rng="philox"`` against ``rng=None`` (vmap's
+shared generator, the cost without per-model streams) and ``rng="torch"`` (exact
+replay, a Python loop per dropout call).
+
 Forward alone and forward + backward (``autograd.grad`` of the output with a
 fixed gradient), in interleaved rounds (medians), so a noisy machine slows all
 methods alike. Ratios are against ``torch.vmap`` in the same run.
@@ -74,6 +79,36 @@ def _with_grad(f, x, g):
     return lambda: torch.autograd.grad(f(), x, g)
 
 
+def training_steps(n: int, batch: int, device: str):
+    """One SGD step of N MLPs (64 -> 256 -> 256 -> 10, Dropout(0.1) twice) per rng."""
+    import modelbatch as mb
+    from torch import nn
+
+    torch.manual_seed(0)
+    models = [
+        nn.Sequential(
+            nn.Linear(64, 256), nn.ReLU(), nn.Dropout(0.1),
+            nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.1),
+            nn.Linear(256, 10),
+        )
+        for _ in range(n)
+    ]  # fmt: skip
+    x = torch.randn(batch, 64, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    fns = {}
+    for rng in ("philox", None, "torch"):
+        b = mb.ModelBatch(models, seeds=0, rng=rng).to(device)
+        opt = mb.optim.SGD(b, lr=0.01, momentum=0.9)
+
+        def step(b=b, opt=opt):
+            opt.zero_grad()
+            b.compute_loss(b(x), y, F.cross_entropy).backward()
+            opt.step()
+
+        fns[f"rng={rng!r}"] = step
+    return fns
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -104,8 +139,20 @@ def main() -> None:
                 )
             summary = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items())
             print(f"{label} {'fwd+bwd' if backward else 'fwd'}: {summary}", flush=True)
+    steps = []
+    n_models = 16 if args.quick else 256
+    times = H.interleaved_times(
+        training_steps(n_models, 128, args.device), repeats=args.repeats, device=args.device
+    )
+    base = times["rng=None"]
+    for name, t in times.items():
+        steps.append({"case": f"train step N={n_models} MLP+Dropout", "method": name,
+                      "ms": round(t * 1e3, 3), "relative_to_rng_None": round(t / base, 2),
+                      **ctx})  # fmt: skip
+    print(", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items()), flush=True)
     out = H.results_dir(args.device)
     name = "dropout_quick" if args.quick else "dropout"
+    H.write_csv(out / f"{name}_train_step.csv", steps)
     H.write_csv(out / f"{name}.csv", rows)
     lines = [
         "# Per-model dropout: modelbatch::batched_dropout vs torch.vmap and a loop",
@@ -122,6 +169,15 @@ def main() -> None:
             f"| {mb_row['case']} | {mb_row['pass']} | {mb_row['ms']} | {r['torch.vmap']['ms']} | "
             f"{r['loop']['ms']} | {mb_row['speedup_vs_vmap']}x |"
         )
+    lines += [
+        "",
+        f"One training step of N={n_models} MLPs (64-256-256-10, two Dropout(0.1), batch 128, "
+        "fused SGD) in a ModelBatch:",
+        "",
+        "| rng | ms | time relative to rng=None |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {r['method']} | {r['ms']} | {r['relative_to_rng_None']} |" for r in steps]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / name}.csv and .md")
 

@@ -94,6 +94,20 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_kernel_device(op: str, device: torch.device, interpreting: bool) -> None:
+    """The Triton kernels take CUDA tensors, or CPU tensors under the interpreter."""
+    if interpreting and device.type != "cpu":
+        raise ValueError(
+            f"{op}: under TRITON_INTERPRET=1 the kernel takes CPU tensors, got {device}"
+        )
+    if not interpreting and device.type != "cuda":
+        raise ValueError(
+            f"{op}: the Triton kernel takes CUDA tensors (CPU tensors only under "
+            f"TRITON_INTERPRET=1), got {device}; use torch.ops.modelbatch ops, which "
+            "dispatch CPU tensors to the C++ kernel"
+        )
+
+
 def _check_params(op: str, params: Tensors, steps: torch.Tensor, interpreting: bool) -> int:
     """Validate ``steps`` and ``params``; return N, the number of models."""
     if not isinstance(steps, torch.Tensor) or steps.dim() != 1:
@@ -128,17 +142,7 @@ def _check_params(op: str, params: Tensors, steps: torch.Tensor, interpreting: b
         if not p.is_contiguous():
             raise ValueError(f"{op}: params[{t}] must be contiguous")
     if params:
-        dev = params[0].device
-        if interpreting and dev.type != "cpu":
-            raise ValueError(
-                f"{op}: under TRITON_INTERPRET=1 the kernel takes CPU tensors, params are on {dev}"
-            )
-        if not interpreting and dev.type != "cuda":
-            raise ValueError(
-                f"{op}: the Triton kernel takes CUDA tensors (CPU tensors only under "
-                f"TRITON_INTERPRET=1), params are on {dev}; use torch.ops.modelbatch "
-                "ops, which dispatch CPU tensors to the C++ kernel"
-            )
+        check_kernel_device(op, params[0].device, interpreting)
     return n
 
 

@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .adam import _interpreting, check_kernel_device
+
 #: Rows (Philox blocks of four words) per program.
 BLOCK = 256
 #: Warps per program on the GPU.
@@ -62,24 +64,9 @@ PHILOX_ROUNDS: tl.constexpr = tl.constexpr(10)
 _NAME = "modelbatch.kernels.philox.philox4x32"
 
 
-def _interpreting(kernel) -> bool:
-    """True when ``kernel`` was decorated under ``TRITON_INTERPRET=1``."""
-    return type(kernel).__name__ == "InterpretedFunction"
-
-
 def check_device(op: str, device: torch.device, kernel) -> None:
     """CUDA tensors, or CPU tensors under the interpreter (shared with dropout)."""
-    interpreting = _interpreting(kernel)
-    if interpreting and device.type != "cpu":
-        raise ValueError(
-            f"{op}: under TRITON_INTERPRET=1 the kernel takes CPU tensors, got {device}"
-        )
-    if not interpreting and device.type != "cuda":
-        raise ValueError(
-            f"{op}: the Triton kernel takes CUDA tensors (CPU tensors only under "
-            f"TRITON_INTERPRET=1), got {device}; use torch.ops.modelbatch ops, which "
-            "dispatch CPU tensors to the C++ kernel"
-        )
+    check_kernel_device(op, device, _interpreting(kernel))
 
 
 @triton.jit

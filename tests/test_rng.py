@@ -420,3 +420,20 @@ def test_torch_mode_replays_the_cuda_generator():
     for i, state in enumerate(batch.get_model_states()):
         for k, v in state.items():
             assert max_rel_err(v, ref[i][k]) < 1e-5, (i, k)
+
+
+def test_attention_routing_leaves_torch_functional_as_it_was():
+    dropout, sdpa = F.dropout, F.scaled_dot_product_attention
+    layer = [nn.TransformerEncoderLayer(8, 2, 16, 0.1, batch_first=True) for _ in range(2)]
+    batch = mb.ModelBatch(layer, seeds=[1, 2])
+    batch(torch.randn(3, 4, 8))
+    with pytest.raises(AssertionError, match="embedding dimension of 8, but got 5"):
+        batch(torch.randn(3, 4, 5))  # fails inside the routed attention
+    assert F.dropout is dropout and F.scaled_dot_product_attention is sdpa
+    # outside ModelBatch, MultiheadAttention draws from the global generator again
+    mha = nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True)
+    x = torch.randn(3, 4, 8)
+    torch.manual_seed(0)
+    a = mha(x, x, x, need_weights=False)[0]
+    torch.manual_seed(0)
+    assert torch.equal(a, mha(x, x, x, need_weights=False)[0])

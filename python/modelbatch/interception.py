@@ -93,35 +93,52 @@ _ROUTES = {
 _NESTED_RANDOM = {
     torch.nn.functional.multi_head_attention_forward: ("dropout", "scaled_dot_product_attention"),
 }
+_F = torch.nn.functional.__dict__
+_ORIGINALS = {name: _F[name] for names in _NESTED_RANDOM.values() for name in names}
+_patch_lock = threading.Lock()
+_patch_users = 0
+_local = threading.local()  # .streams: the streams of this thread's nested calls
+
+
+def _routed(original):
+    call = CALLS[original]
+
+    def routed(*args, **kwargs):
+        stack = getattr(_local, "streams", None)
+        if stack and is_random(call, call.bind(args, kwargs)):
+            return stack[-1].call(original, call, args, kwargs)
+        return original(*args, **kwargs)
+
+    return routed
+
+
+_ROUTED = {name: _routed(fn) for name, fn in _ORIGINALS.items()}
 
 
 class _RoutedGlobals:
-    """Route ``F.<name>`` to the streams while one nested call runs on this thread."""
+    """While a nested call runs, ``F.<name>`` routes this thread's random calls to
+    ``rng``; other threads (and calls after the last exit) see torch's own functions."""
 
-    def __init__(self, rng, names):
+    def __init__(self, rng):
         self.rng = rng
-        self.names = names
-        self.saved = {}
-
-    def _wrap(self, original):
-        call = CALLS[original]
-        owner = threading.get_ident()
-
-        def routed(*args, **kwargs):
-            if threading.get_ident() == owner and is_random(call, call.bind(args, kwargs)):
-                return self.rng.call(original, call, args, kwargs)
-            return original(*args, **kwargs)
-
-        return routed
 
     def __enter__(self):
-        ns = torch.nn.functional.__dict__
-        for name in self.names:
-            self.saved[name] = ns[name]
-            ns[name] = self._wrap(ns[name])
+        global _patch_users
+        with _patch_lock:
+            if _patch_users == 0:
+                _F.update(_ROUTED)
+            _patch_users += 1
+        if not hasattr(_local, "streams"):
+            _local.streams = []
+        _local.streams.append(self.rng)
 
     def __exit__(self, *exc):
-        torch.nn.functional.__dict__.update(self.saved)
+        global _patch_users
+        _local.streams.pop()
+        with _patch_lock:
+            _patch_users -= 1
+            if _patch_users == 0:
+                _F.update(_ORIGINALS)
 
 
 class ModelBatchMode(TorchFunctionMode):
@@ -144,9 +161,8 @@ class ModelBatchMode(TorchFunctionMode):
             call = CALLS.get(func)
             if call is not None and is_random(call, call.bind(args, kwargs)):
                 return self.rng.call(func, call, args, kwargs)
-            nested = _NESTED_RANDOM.get(func)
-            if nested is not None:
-                with _RoutedGlobals(self.rng, nested):
+            if func in _NESTED_RANDOM:
+                with _RoutedGlobals(self.rng):
                     return func(*args, **kwargs)
         route = _ROUTES.get(func) if self.route_ops else None
         if route is not None:

@@ -5,6 +5,12 @@
 // operation (lerp for the first moment, mul + addcmul for the second, bias
 // corrections per model in double), so a batched run reproduces N separate
 // torch.optim runs to float rounding.
+//
+// Mixed precision (optional inv_scale, found_inf, [N] float32): with inv_scale
+// every grad element of model i (skipped or not) is unscaled in place first,
+// g = scalar_t(opmath(g) * inv_scale[i]), and the update uses that stored value;
+// a model with found_inf[i] != 0 is skipped (state and step count untouched).
+// Without them the kernel is the plain one (UNSCALE=false, no skip test).
 #include "multi_tensor.h"
 
 #include <torch/library.h>
@@ -24,13 +30,15 @@ struct AdamScalars {
   opmath_t eps;
   opmath_t weight_decay;     // coupled (Adam) L2 term
   opmath_t decay_mul;        // decoupled (AdamW): 1 - lr * weight_decay
+  opmath_t inv_scale;        // mixed precision: grads are unscaled by this first
   bool amsgrad;
   bool decoupled;
+  bool unscale;
 };
 
-template <typename scalar_t, typename opmath_t, bool AMSGRAD, bool DECOUPLED>
+template <typename scalar_t, typename opmath_t, bool AMSGRAD, bool DECOUPLED, bool UNSCALE>
 inline __attribute__((always_inline)) void adam_body(scalar_t* __restrict p,
-                                                     const scalar_t* __restrict g,
+                                                     scalar_t* __restrict g,
                                                      scalar_t* __restrict m,
                                                      scalar_t* __restrict v,
                                                      scalar_t* __restrict vmax, int64_t n,
@@ -38,7 +46,15 @@ inline __attribute__((always_inline)) void adam_body(scalar_t* __restrict p,
   const opmath_t w = s.lerp_w;
   for (int64_t j = 0; j < n; ++j) {
     opmath_t pj = static_cast<opmath_t>(p[j]);
-    opmath_t gj = static_cast<opmath_t>(g[j]);
+    opmath_t gj;
+    if (UNSCALE) {
+      // Stored back rounded to scalar_t; the update reads the stored value.
+      const scalar_t gs = unscale_value<scalar_t, opmath_t>(g[j], s.inv_scale);
+      g[j] = gs;
+      gj = static_cast<opmath_t>(gs);
+    } else {
+      gj = static_cast<opmath_t>(g[j]);
+    }
     if (DECOUPLED) {
       pj = pj * s.decay_mul;
     } else {
@@ -64,26 +80,35 @@ inline __attribute__((always_inline)) void adam_body(scalar_t* __restrict p,
   }
 }
 
-template <typename scalar_t, typename opmath_t>
-inline __attribute__((always_inline)) void adam_dispatch(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v,
-                          scalar_t* vmax, int64_t n, const AdamScalars<opmath_t>& s) {
+template <typename scalar_t, typename opmath_t, bool UNSCALE>
+inline __attribute__((always_inline)) void adam_dispatch2(scalar_t* p, scalar_t* g, scalar_t* m,
+                                                          scalar_t* v, scalar_t* vmax, int64_t n,
+                                                          const AdamScalars<opmath_t>& s) {
   if (s.amsgrad) {
-    if (s.decoupled) adam_body<scalar_t, opmath_t, true, true>(p, g, m, v, vmax, n, s);
-    else adam_body<scalar_t, opmath_t, true, false>(p, g, m, v, vmax, n, s);
+    if (s.decoupled) adam_body<scalar_t, opmath_t, true, true, UNSCALE>(p, g, m, v, vmax, n, s);
+    else adam_body<scalar_t, opmath_t, true, false, UNSCALE>(p, g, m, v, vmax, n, s);
   } else {
-    if (s.decoupled) adam_body<scalar_t, opmath_t, false, true>(p, g, m, v, vmax, n, s);
-    else adam_body<scalar_t, opmath_t, false, false>(p, g, m, v, vmax, n, s);
+    if (s.decoupled) adam_body<scalar_t, opmath_t, false, true, UNSCALE>(p, g, m, v, vmax, n, s);
+    else adam_body<scalar_t, opmath_t, false, false, UNSCALE>(p, g, m, v, vmax, n, s);
   }
 }
 
+template <typename scalar_t, typename opmath_t>
+inline __attribute__((always_inline)) void adam_dispatch(scalar_t* p, scalar_t* g, scalar_t* m,
+                                                         scalar_t* v, scalar_t* vmax, int64_t n,
+                                                         const AdamScalars<opmath_t>& s) {
+  if (s.unscale) adam_dispatch2<scalar_t, opmath_t, true>(p, g, m, v, vmax, n, s);
+  else adam_dispatch2<scalar_t, opmath_t, false>(p, g, m, v, vmax, n, s);
+}
+
 // float32 is the hot path: compiled once per vector ISA, chosen at load time.
-MB_CLONES void adam_f32(float* p, const float* g, float* m, float* v, float* vmax, int64_t n,
+MB_CLONES void adam_f32(float* p, float* g, float* m, float* v, float* vmax, int64_t n,
                         const AdamScalars<float>& s) {
   adam_dispatch<float, float>(p, g, m, v, vmax, n, s);
 }
 
 template <typename scalar_t, typename opmath_t>
-void adam_segment(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax,
+void adam_segment(scalar_t* p, scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax,
                   int64_t n, const AdamScalars<opmath_t>& s) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     adam_f32(p, g, m, v, vmax, n, s);
@@ -97,7 +122,8 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    const at::Tensor& steps, const at::Tensor& lr, const at::Tensor& beta1,
                    const at::Tensor& beta2, const at::Tensor& eps,
                    const at::Tensor& weight_decay, const at::Tensor& amsgrad,
-                   bool decoupled_weight_decay) {
+                   bool decoupled_weight_decay, const std::optional<at::Tensor>& inv_scale,
+                   const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "modelbatch::adam_step";
   const int64_t n = check_params(params, steps, op);
   check_like(params, grads, op, "grads", n);
@@ -117,11 +143,21 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   TORCH_CHECK(steps.device().is_cpu() && steps.scalar_type() == at::kDouble &&
                   steps.is_contiguous(),
               op, ": steps must be a contiguous float64 CPU tensor");
+  const auto inv_v = amp_vector(inv_scale, n, op, "inv_scale");
+  const auto found_v = amp_vector(found_inf, n, op, "found_inf");
+  const bool unscale = inv_scale.has_value();
+  // skip[i]: model i found an inf/NaN grad and does not step.
+  std::vector<char> skip(n, 0);
+  bool any_skip = false;
+  for (size_t i = 0; i < found_v.size(); ++i) {
+    skip[i] = found_v[i] != 0.0f;
+    any_skip = any_skip || skip[i];
+  }
 
   // The step counter advances first, as torch.optim's does; bias corrections use
   // the new count, computed in double per model.
   double* step_ptr = steps.data_ptr<double>();
-  for (int64_t i = 0; i < n; ++i) step_ptr[i] += 1.0;
+  for (int64_t i = 0; i < n; ++i) step_ptr[i] += skip[i] ? 0.0 : 1.0;
   if (params.empty()) return;
 
   std::vector<int64_t> numels;
@@ -143,11 +179,13 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    static_cast<opmath_t>(eps_v[i]),
                    static_cast<opmath_t>(decoupled_weight_decay ? 0.0 : wd_v[i]),
                    static_cast<opmath_t>(1.0 - lr_v[i] * wd_v[i]),
+                   // The float32 inv_scale in opmath, as unscale_grads computes it.
+                   static_cast<opmath_t>(unscale ? inv_v[i] : 1.0f),
                    ams_v[i] != 0.0,
-                   decoupled_weight_decay};
+                   decoupled_weight_decay,
+                   unscale};
         }
-        std::vector<scalar_t*> P, M, V, VM;
-        std::vector<const scalar_t*> G;
+        std::vector<scalar_t*> P, G, M, V, VM;
         for (size_t t = 0; t < params.size(); ++t) {
           P.push_back(params[t].data_ptr<scalar_t>());
           G.push_back(grads[t].data_ptr<scalar_t>());
@@ -157,6 +195,10 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
         }
         for_each_segment(numels, n, [&](const Segment& s) {
           const int64_t t = s.tensor, o = s.begin;
+          if (any_skip && skip[s.model]) {
+            if (unscale) unscale_inplace(G[t] + o, s.length, sc[s.model].inv_scale);
+            return;
+          }
           adam_segment<scalar_t, opmath_t>(P[t] + o, G[t] + o, M[t] + o, V[t] + o,
                                            VM[t] ? VM[t] + o : nullptr, s.length, sc[s.model]);
         });

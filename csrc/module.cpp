@@ -33,14 +33,19 @@ std::string build_info() {
 TORCH_LIBRARY(modelbatch, m) {
   m.def("build_info() -> str", &modelbatch::build_info);
   m.def(
-      "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "adam_step(Tensor(a!)[] params, Tensor(f!)[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!) steps, "
       "Tensor lr, Tensor beta1, Tensor beta2, Tensor eps, Tensor weight_decay, "
-      "Tensor amsgrad, bool decoupled_weight_decay) -> ()");
+      "Tensor amsgrad, bool decoupled_weight_decay, Tensor? inv_scale=None, "
+      "Tensor? found_inf=None) -> ()");
   m.def(
-      "sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "sgd_step(Tensor(a!)[] params, Tensor(f!)[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor(c!) steps, Tensor lr, Tensor momentum, Tensor dampening, "
-      "Tensor weight_decay, Tensor nesterov) -> ()");
+      "Tensor weight_decay, Tensor nesterov, Tensor? inv_scale=None, "
+      "Tensor? found_inf=None) -> ()");
+  m.def(
+      "amp_unscale_(Tensor(a!)[] grads, Tensor(b!) found_inf, Tensor inv_scale, "
+      "bool write=True) -> ()");
   m.def(
       "batched_cross_entropy(Tensor logits, Tensor target, bool shared, int reduction, "
       "int ignore_index) -> (Tensor, Tensor)");

@@ -12,7 +12,11 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -105,6 +109,76 @@ inline std::vector<double> hparam(const at::Tensor& t, int64_t n, const char* op
   auto c = t.to(at::kCPU, at::kDouble).contiguous();
   const double* d = c.data_ptr<double>();
   return std::vector<double>(d, d + n);
+}
+
+// ---------------------------------------------------------------------------
+// Mixed precision (modelbatch.amp): per-model loss-scale unscaling and skips.
+// ---------------------------------------------------------------------------
+
+// The storage bits of a float type and the mask of its exponent field: a value
+// is inf or NaN exactly when all its exponent bits are set. Testing bits keeps
+// the check an integer compare + OR that vectorises.
+template <typename T>
+struct FloatBits;
+template <>
+struct FloatBits<float> {
+  using type = uint32_t;
+  static constexpr type exp_mask = 0x7f800000u;
+};
+template <>
+struct FloatBits<double> {
+  using type = uint64_t;
+  static constexpr type exp_mask = 0x7ff0000000000000ull;
+};
+template <>
+struct FloatBits<at::Half> {
+  using type = uint16_t;
+  static constexpr type exp_mask = 0x7c00u;
+};
+template <>
+struct FloatBits<at::BFloat16> {
+  using type = uint16_t;
+  static constexpr type exp_mask = 0x7f80u;
+};
+
+// 1 when x is inf or NaN, else 0 (on the stored value, so exact for every dtype).
+template <typename scalar_t>
+inline __attribute__((always_inline)) typename FloatBits<scalar_t>::type non_finite_bit(
+    const scalar_t& x) {
+  using U = typename FloatBits<scalar_t>::type;
+  constexpr U e = FloatBits<scalar_t>::exp_mask;
+  U b;
+  std::memcpy(&b, &x, sizeof(U));
+  return static_cast<U>((b & e) == e);
+}
+
+// g = scalar_t(opmath(g) * inv_scale), the arithmetic of
+// torch._amp_foreach_non_finite_check_and_unscale_.
+template <typename scalar_t, typename opmath_t>
+inline __attribute__((always_inline)) scalar_t unscale_value(scalar_t g, opmath_t inv_scale) {
+  return static_cast<scalar_t>(static_cast<opmath_t>(g) * inv_scale);
+}
+
+template <typename scalar_t, typename opmath_t>
+inline void unscale_inplace(scalar_t* __restrict g, int64_t n, opmath_t inv_scale) {
+  for (int64_t j = 0; j < n; ++j) g[j] = unscale_value<scalar_t, opmath_t>(g[j], inv_scale);
+}
+
+// An optional per-model amp vector (inv_scale, found_inf) of the optimizer
+// steps: a float32 [N] CPU tensor, read as floats. Empty when not given.
+inline std::vector<float> amp_vector(const std::optional<at::Tensor>& t, int64_t n,
+                                     const char* op, const char* name) {
+  if (!t.has_value()) return {};
+  const at::Tensor& v = *t;
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == n, op, ": ", name,
+              " must be a [N] per-model tensor with N=", n, ", got shape ", v.sizes());
+  TORCH_CHECK(v.scalar_type() == at::kFloat, op, ": ", name,
+              " must be a float32 tensor, got ", v.scalar_type());
+  TORCH_CHECK(v.device().is_cpu(), op, ": the C++ kernel takes CPU tensors, ", name, " is on ",
+              v.device());
+  auto c = v.contiguous();
+  const float* d = c.data_ptr<float>();
+  return std::vector<float>(d, d + n);
 }
 
 }  // namespace modelbatch

@@ -4,6 +4,12 @@
 // Follows torch.optim.SGD's single-tensor path: on a model's first step its
 // momentum buffer is the gradient itself (no dampening), afterwards
 // buf = momentum * buf + (1 - dampening) * grad.
+//
+// Mixed precision (optional inv_scale, found_inf, [N] float32): with inv_scale
+// every grad element of model i (skipped or not) is unscaled in place first,
+// g = scalar_t(opmath(g) * inv_scale[i]), and the update uses that stored value;
+// a model with found_inf[i] != 0 is skipped (params, buffer and step count
+// untouched). Without them the kernel is the plain one.
 #include "multi_tensor.h"
 
 #include <torch/library.h>
@@ -17,19 +23,30 @@ struct SgdScalars {
   opmath_t momentum;
   opmath_t one_minus_dampening;
   opmath_t weight_decay;
+  opmath_t inv_scale;  // mixed precision: grads are unscaled by this first
   bool use_momentum;
   bool first_step;
   bool nesterov;
+  bool unscale;
 };
 
-template <typename scalar_t, typename opmath_t, bool MOMENTUM, bool FIRST, bool NESTEROV>
+template <typename scalar_t, typename opmath_t, bool MOMENTUM, bool FIRST, bool NESTEROV,
+          bool UNSCALE>
 inline __attribute__((always_inline)) void sgd_body(scalar_t* __restrict p,
-                                                    const scalar_t* __restrict g,
+                                                    scalar_t* __restrict g,
                                                     scalar_t* __restrict buf, int64_t n,
                                                     const SgdScalars<opmath_t>& s) {
   for (int64_t j = 0; j < n; ++j) {
     opmath_t pj = static_cast<opmath_t>(p[j]);
-    opmath_t gj = static_cast<opmath_t>(g[j]);
+    opmath_t gj;
+    if (UNSCALE) {
+      // Stored back rounded to scalar_t; the update reads the stored value.
+      const scalar_t gs = unscale_value<scalar_t, opmath_t>(g[j], s.inv_scale);
+      g[j] = gs;
+      gj = static_cast<opmath_t>(gs);
+    } else {
+      gj = static_cast<opmath_t>(g[j]);
+    }
     gj = gj + s.weight_decay * pj;
     if (MOMENTUM) {
       opmath_t bj;
@@ -46,25 +63,34 @@ inline __attribute__((always_inline)) void sgd_body(scalar_t* __restrict p,
   }
 }
 
-template <typename scalar_t, typename opmath_t>
-inline __attribute__((always_inline)) void sgd_dispatch(scalar_t* p, const scalar_t* g, scalar_t* buf, int64_t n,
-                         const SgdScalars<opmath_t>& s) {
-  if (!s.use_momentum) return sgd_body<scalar_t, opmath_t, false, false, false>(p, g, buf, n, s);
+template <typename scalar_t, typename opmath_t, bool U>
+inline __attribute__((always_inline)) void sgd_dispatch2(scalar_t* p, scalar_t* g, scalar_t* buf,
+                                                         int64_t n,
+                                                         const SgdScalars<opmath_t>& s) {
+  if (!s.use_momentum) return sgd_body<scalar_t, opmath_t, false, false, false, U>(p, g, buf, n, s);
   if (s.first_step) {
-    if (s.nesterov) return sgd_body<scalar_t, opmath_t, true, true, true>(p, g, buf, n, s);
-    return sgd_body<scalar_t, opmath_t, true, true, false>(p, g, buf, n, s);
+    if (s.nesterov) return sgd_body<scalar_t, opmath_t, true, true, true, U>(p, g, buf, n, s);
+    return sgd_body<scalar_t, opmath_t, true, true, false, U>(p, g, buf, n, s);
   }
-  if (s.nesterov) return sgd_body<scalar_t, opmath_t, true, false, true>(p, g, buf, n, s);
-  return sgd_body<scalar_t, opmath_t, true, false, false>(p, g, buf, n, s);
+  if (s.nesterov) return sgd_body<scalar_t, opmath_t, true, false, true, U>(p, g, buf, n, s);
+  return sgd_body<scalar_t, opmath_t, true, false, false, U>(p, g, buf, n, s);
 }
 
-MB_CLONES void sgd_f32(float* p, const float* g, float* buf, int64_t n,
+template <typename scalar_t, typename opmath_t>
+inline __attribute__((always_inline)) void sgd_dispatch(scalar_t* p, scalar_t* g, scalar_t* buf,
+                                                        int64_t n,
+                                                        const SgdScalars<opmath_t>& s) {
+  if (s.unscale) sgd_dispatch2<scalar_t, opmath_t, true>(p, g, buf, n, s);
+  else sgd_dispatch2<scalar_t, opmath_t, false>(p, g, buf, n, s);
+}
+
+MB_CLONES void sgd_f32(float* p, float* g, float* buf, int64_t n,
                        const SgdScalars<float>& s) {
   sgd_dispatch<float, float>(p, g, buf, n, s);
 }
 
 template <typename scalar_t, typename opmath_t>
-void sgd_segment(scalar_t* p, const scalar_t* g, scalar_t* buf, int64_t n,
+void sgd_segment(scalar_t* p, scalar_t* g, scalar_t* buf, int64_t n,
                  const SgdScalars<opmath_t>& s) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     sgd_f32(p, g, buf, n, s);
@@ -76,7 +102,8 @@ void sgd_segment(scalar_t* p, const scalar_t* g, scalar_t* buf, int64_t n,
 void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                   const at::Tensor& steps, const at::Tensor& lr, const at::Tensor& momentum,
                   const at::Tensor& dampening, const at::Tensor& weight_decay,
-                  const at::Tensor& nesterov) {
+                  const at::Tensor& nesterov, const std::optional<at::Tensor>& inv_scale,
+                  const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "modelbatch::sgd_step";
   const int64_t n = check_params(params, steps, op);
   check_like(params, grads, op, "grads", n);
@@ -91,9 +118,19 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   TORCH_CHECK(steps.device().is_cpu() && steps.scalar_type() == at::kDouble &&
                   steps.is_contiguous(),
               op, ": steps must be a contiguous float64 CPU tensor");
+  const auto inv_v = amp_vector(inv_scale, n, op, "inv_scale");
+  const auto found_v = amp_vector(found_inf, n, op, "found_inf");
+  const bool unscale = inv_scale.has_value();
+  // skip[i]: model i found an inf/NaN grad and does not step.
+  std::vector<char> skip(n, 0);
+  bool any_skip = false;
+  for (size_t i = 0; i < found_v.size(); ++i) {
+    skip[i] = found_v[i] != 0.0f;
+    any_skip = any_skip || skip[i];
+  }
 
   double* step_ptr = steps.data_ptr<double>();
-  for (int64_t i = 0; i < n; ++i) step_ptr[i] += 1.0;
+  for (int64_t i = 0; i < n; ++i) step_ptr[i] += skip[i] ? 0.0 : 1.0;
   if (params.empty()) return;
 
   std::vector<int64_t> numels;
@@ -104,13 +141,18 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
         using opmath_t = at::opmath_type<scalar_t>;
         std::vector<SgdScalars<opmath_t>> sc(n);
         for (int64_t i = 0; i < n; ++i) {
-          sc[i] = {static_cast<opmath_t>(-lr_v[i]),     static_cast<opmath_t>(mom_v[i]),
-                   static_cast<opmath_t>(1.0 - damp_v[i]), static_cast<opmath_t>(wd_v[i]),
-                   mom_v[i] != 0.0,                     step_ptr[i] == 1.0,
-                   nest_v[i] != 0.0};
+          sc[i] = {static_cast<opmath_t>(-lr_v[i]),
+                   static_cast<opmath_t>(mom_v[i]),
+                   static_cast<opmath_t>(1.0 - damp_v[i]),
+                   static_cast<opmath_t>(wd_v[i]),
+                   // The float32 inv_scale in opmath, as unscale_grads computes it.
+                   static_cast<opmath_t>(unscale ? inv_v[i] : 1.0f),
+                   mom_v[i] != 0.0,
+                   step_ptr[i] == 1.0,
+                   nest_v[i] != 0.0,
+                   unscale};
         }
-        std::vector<scalar_t*> P, B;
-        std::vector<const scalar_t*> G;
+        std::vector<scalar_t*> P, G, B;
         for (size_t t = 0; t < params.size(); ++t) {
           P.push_back(params[t].data_ptr<scalar_t>());
           G.push_back(grads[t].data_ptr<scalar_t>());
@@ -118,6 +160,10 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
         }
         for_each_segment(numels, n, [&](const Segment& s) {
           const int64_t t = s.tensor, o = s.begin;
+          if (any_skip && skip[s.model]) {
+            if (unscale) unscale_inplace(G[t] + o, s.length, sc[s.model].inv_scale);
+            return;
+          }
           sgd_segment<scalar_t, opmath_t>(P[t] + o, G[t] + o, B[t] ? B[t] + o : nullptr,
                                           s.length, sc[s.model]);
         });

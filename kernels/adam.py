@@ -20,6 +20,21 @@ float64 for float64 tensors::
     amsgrad models: vmax = max(vmax, v), and vmax replaces v below
     p = p - lr / (1 - beta1^t) * (m / (sqrt(v) / sqrt(1 - beta2^t) + eps))
 
+Mixed precision (``modelbatch.amp.GradScaler``): two optional trailing
+arguments, contiguous float32 ``[N]`` tensors on the params' device (on
+``steps``' device when there are no params):
+
+* ``inv_scale``: the grads are loss scaled. Every grad element of model i, of
+  every model (skipped or not), is unscaled and written back to ``grads``,
+  ``g = dtype(opmath(g) * inv_scale[i])`` (as
+  ``torch._amp_foreach_non_finite_check_and_unscale_``; opmath as the compute
+  dtype above, bfloat16 rounded to nearest even by ``_to_storage``); the update
+  uses that rounded value.
+* ``found_inf``: a model with ``found_inf[i] != 0`` is skipped: ``steps[i]`` is
+  not advanced, and its params, moments and max buffers are left untouched bit
+  for bit (``modelbatch::amp_unscale_``, ``kernels/amp.py``, fills
+  ``found_inf``; this kernel does not look for inf / NaN itself).
+
 Why it is built this way:
 
 * One launch for the whole list (a "multi-tensor" launch). The data pointers
@@ -39,6 +54,13 @@ Why it is built this way:
   use amsgrad" is ``len(max_exp_avg_sqs) > 0``: with an empty
   ``max_exp_avg_sqs`` the amsgrad flags are not honoured. (That mistake is
   reported as an error when ``amsgrad`` is a CPU tensor, where checking is free.)
+* Mixed precision costs nothing when unused: ``inv_scale`` and the keep flags
+  (``found_inf == 0``) are two more rows of the per-model scalars table, read
+  only under the constexpr flags ``UNSCALE`` / ``SKIP``, so without them the
+  kernel compiles to the plain one. ``steps`` advances by ``keep`` on the
+  device (``steps.add_(keep)``): no host synchronisation either. A skipped
+  model's bias corrections may be inf / NaN (its ``steps`` may still be 0);
+  its lanes load the masked loads' neutral values instead and store nothing.
 * Square root and division of float32 values use the correctly rounded
   ``sqrt_rn`` / ``div_rn`` (plain ``sqrt`` and ``/`` are approximate on NVIDIA
   GPUs), so the results are those of torch's own kernels to float rounding.
@@ -47,7 +69,8 @@ On CUDA this is the op's kernel; on CPU tensors it runs only under
 ``TRITON_INTERPRET=1`` (how the tests check it without a GPU).
 
 The multi-tensor helpers (``_check_*``, ``_pointer_table``, ``_launch``,
-``_to_storage``) are shared with ``kernels/sgd.py``.
+``_to_storage``, ``_unscale``, ...) are shared with ``kernels/sgd.py`` and
+``kernels/amp.py``.
 """
 
 from __future__ import annotations
@@ -118,32 +141,38 @@ def _check_params(op: str, params: Tensors, steps: torch.Tensor, interpreting: b
         raise ValueError(f"{op}: steps must have at least one model")
     if steps.dtype != torch.float64 or not steps.is_contiguous():
         raise ValueError(f"{op}: steps must be a contiguous float64 tensor, got {steps.dtype}")
-    for t, p in enumerate(params):
+    _check_stacked(op, params, n, "params", interpreting)
+    return n
+
+
+def _check_stacked(op: str, tensors: Tensors, n: int, name: str, interpreting: bool) -> None:
+    """Validate a list of contiguous ``[N, ...]`` stacks of one dtype on one device
+    the kernels take (``params``, or the ``grads`` of ``amp_unscale_``)."""
+    for t, p in enumerate(tensors):
         if p.dim() < 1 or p.shape[0] != n:
             raise ValueError(
-                f"{op}: params[{t}] has shape {tuple(p.shape)}, expected a stacked "
+                f"{op}: {name}[{t}] has shape {tuple(p.shape)}, expected a stacked "
                 f"tensor [N={n}, ...]"
             )
         if p.dtype not in _TL_DTYPES:
             raise ValueError(
-                f"{op}: params[{t}] has dtype {p.dtype}; supported: float32, float16, "
+                f"{op}: {name}[{t}] has dtype {p.dtype}; supported: float32, float16, "
                 "bfloat16, float64"
             )
-        if p.dtype != params[0].dtype:
+        if p.dtype != tensors[0].dtype:
             raise ValueError(
-                f"{op}: all params of one call share a dtype; params[{t}] is {p.dtype}, "
-                f"params[0] is {params[0].dtype}"
+                f"{op}: all {name} of one call share a dtype; {name}[{t}] is {p.dtype}, "
+                f"{name}[0] is {tensors[0].dtype}"
             )
-        if p.device != params[0].device:
+        if p.device != tensors[0].device:
             raise ValueError(
-                f"{op}: all params of one call share a device; params[{t}] is on "
-                f"{p.device}, params[0] is on {params[0].device}"
+                f"{op}: all {name} of one call share a device; {name}[{t}] is on "
+                f"{p.device}, {name}[0] is on {tensors[0].device}"
             )
         if not p.is_contiguous():
-            raise ValueError(f"{op}: params[{t}] must be contiguous")
-    if params:
-        check_kernel_device(op, params[0].device, interpreting)
-    return n
+            raise ValueError(f"{op}: {name}[{t}] must be contiguous")
+    if tensors:
+        check_kernel_device(op, tensors[0].device, interpreting)
 
 
 def _check_like(op: str, params: Tensors, other: Tensors, name: str) -> None:
@@ -174,6 +203,60 @@ def _check_hparam(op: str, v: torch.Tensor, n: int, name: str) -> None:
         raise ValueError(f"{op}: {name} must be real, got {v.dtype}")
 
 
+def _check_scaler_vector(op: str, v: torch.Tensor, n: int, name: str, device: torch.device) -> None:
+    """``inv_scale`` / ``found_inf``: a contiguous float32 ``[N]`` tensor on ``device``
+    (the kernel reads, and ``amp_unscale_`` writes, it through its data pointer)."""
+    if not isinstance(v, torch.Tensor) or v.dim() != 1 or v.shape[0] != n:
+        shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v)
+        raise ValueError(
+            f"{op}: {name} must be a float32 [N] per-model tensor with N={n}, got {shape}"
+        )
+    if v.dtype != torch.float32:
+        raise ValueError(f"{op}: {name} must be float32, got {v.dtype}")
+    if v.device != device:
+        raise ValueError(f"{op}: {name} is on {v.device}, expected {device}")
+    if not v.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous")
+
+
+def _check_scaler(
+    op: str,
+    inv_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+    n: int,
+    params: Tensors,
+    steps: torch.Tensor,
+) -> None:
+    """Validate the optional mixed-precision arguments of an optimizer step: on the
+    params' device (on ``steps``' device when there are no params)."""
+    device = params[0].device if params else steps.device
+    if inv_scale is not None:
+        _check_scaler_vector(op, inv_scale, n, "inv_scale", device)
+    if found_inf is not None:
+        _check_scaler_vector(op, found_inf, n, "found_inf", device)
+
+
+def _advance_steps(steps: torch.Tensor, found_inf: torch.Tensor | None) -> torch.Tensor | None:
+    """``steps += 1`` for the models that step (``found_inf == 0``), on the device.
+    Returns the float64 0/1 ``keep`` vector (None without ``found_inf``)."""
+    if found_inf is None:
+        steps.add_(1)
+        return None
+    keep = (found_inf == 0).to(torch.float64)
+    steps.add_(keep.to(steps.device))
+    return keep
+
+
+def _scaler_rows(
+    inv_scale: torch.Tensor | None, keep: torch.Tensor | None, like: torch.Tensor
+) -> torch.Tensor:
+    """The two scalars-table rows of the mixed-precision path, ``[inv_scale, keep]``,
+    in ``like``'s dtype on its device; ones stand in for a missing argument."""
+    ones = torch.ones(like.shape[1], dtype=like.dtype, device=like.device)
+    rows = [x.to(like.dtype) if x is not None else ones for x in (inv_scale, keep)]
+    return torch.stack(rows)
+
+
 def _any_nonzero_on_cpu(v: torch.Tensor) -> bool:
     """``(v != 0).any()`` where that is free (a CPU tensor); False elsewhere."""
     return v.device.type == "cpu" and bool((v != 0).any())
@@ -184,8 +267,9 @@ def _any_nonzero_on_cpu(v: torch.Tensor) -> bool:
 # when the tensors it was built for are gone and others took their addresses.
 # The stream is part of the key so that a table is only used on the stream its
 # copy was queued on. Each entry keeps its pinned host copy: a table built while
-# a CUDA graph is captured is copied again from it at every replay, so those
-# entries are never evicted.
+# a CUDA graph is captured is copied again from it at every replay. Tables that
+# a captured kernel reads (built during the capture or before it) move to
+# _CAPTURED_TABLES and are never evicted.
 _TABLES: collections.OrderedDict = collections.OrderedDict()
 _TABLES_MAX = 64
 _CAPTURED_TABLES: dict = {}
@@ -214,17 +298,23 @@ def _pointer_table(lists: Sequence[Tensors | None], device: torch.device) -> tor
             if len(_TABLES) > _TABLES_MAX:
                 _TABLES.popitem(last=False)
     elif key in _TABLES:
-        _TABLES.move_to_end(key)
+        if torch.cuda.is_current_stream_capturing():
+            # A graph now reads this table at every replay: never evict it.
+            _CAPTURED_TABLES[key] = _TABLES.pop(key)
+        else:
+            _TABLES.move_to_end(key)
     return entry[0]
 
 
-def _launch(kernel, lists: Sequence[Tensors | None], scalars: torch.Tensor, n: int, **meta):
-    """Launch ``kernel`` over all tensors of ``lists`` (``lists[0]`` is params).
+def _launch(kernel, lists: Sequence[Tensors | None], scalars: torch.Tensor, n: int, *args, **meta):
+    """Launch ``kernel`` over all tensors of ``lists`` (``lists[0]`` sets the numels).
 
     Zero-size tensors are dropped. ``scalars`` is the ``[K, N]`` per-model table.
-    The pointer table stays referenced until every launch has been queued (on
-    CUDA the cache keeps it longer); after that the caching allocator orders any
-    reuse of its memory after the kernels on its stream.
+    The kernel takes ``(table, scalars, t0, T, N, *args)``, then the constexprs
+    ``DTYPE``, ``COMPUTE``, ``INT64``, ``BLOCK`` and ``meta``. The pointer table
+    stays referenced until every launch has been queued (on CUDA the cache keeps
+    it longer); after that the caching allocator orders any reuse of its memory
+    after the kernels on its stream.
     """
     keep = [t for t, p in enumerate(lists[0]) if p.numel() > 0]
     if not keep:
@@ -245,6 +335,7 @@ def _launch(kernel, lists: Sequence[Tensors | None], scalars: torch.Tensor, n: i
             t0,
             num_t,
             n,
+            *args,
             DTYPE=_TL_DTYPES[dtype],
             COMPUTE=_TL_DTYPES[_compute_dtype(dtype)],
             INT64=max_numel + BLOCK > INT64_INDEX_FROM,
@@ -275,6 +366,31 @@ def _to_storage(x, DTYPE: tl.constexpr):
     return out
 
 
+@triton.jit
+def _unscale(
+    g_ptr,
+    offs,
+    mask,
+    live,
+    inv_ptrs,
+    DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    SKIP: tl.constexpr,
+):
+    """Unscale the grads of every model (skipped or not) in place,
+    ``g = DTYPE(COMPUTE(g) * inv_scale[model])``, and return them in COMPUTE as
+    stored; zero in the lanes that are not ``live`` (of skipped models, whose
+    grads may be inf / NaN) when ``SKIP``."""
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    inv = tl.load(inv_ptrs, mask=mask, other=1.0)
+    g = _to_storage(g.to(COMPUTE) * inv, DTYPE)
+    tl.store(g_ptr + offs, g, mask=mask)
+    g = g.to(COMPUTE)
+    if SKIP:
+        g = tl.where(live, g, 0.0)
+    return g
+
+
 # --------------------------------------------------------------------------
 # Adam
 # --------------------------------------------------------------------------
@@ -283,7 +399,8 @@ def _to_storage(x, DTYPE: tl.constexpr):
 @triton.jit
 def _adam_kernel(
     table,  # int64 [6, T]: pointers of params, grads, exp_avgs, exp_avg_sqs, max; numels
-    sc,  # COMPUTE [9, N]: step_size, bc2_sqrt, 1-beta1, beta2, 1-beta2, eps, wd, decay, ams
+    sc,  # COMPUTE [9 (+2), N]: step_size, bc2_sqrt, 1-beta1, beta2, 1-beta2, eps, wd,
+    #      decay, ams (, inv_scale, keep when UNSCALE or SKIP)
     t0,  # first tensor of this launch
     T,  # number of tensors (row length of table)
     N,  # number of models
@@ -293,6 +410,8 @@ def _adam_kernel(
     BLOCK: tl.constexpr,
     DECOUPLED: tl.constexpr,
     AMSGRAD: tl.constexpr,
+    UNSCALE: tl.constexpr,
+    SKIP: tl.constexpr,
 ):
     t = t0 + tl.program_id(1)
     numel = tl.load(table + 5 * T + t)
@@ -310,23 +429,34 @@ def _adam_kernel(
     m_ptr = tl.load(table + 2 * T + t).to(tl.pointer_type(DTYPE))
     v_ptr = tl.load(table + 3 * T + t).to(tl.pointer_type(DTYPE))
 
-    step_size = tl.load(sc + model, mask=mask, other=0.0)
-    bc2_sqrt = tl.load(sc + N + model, mask=mask, other=1.0)
-    w = tl.load(sc + 2 * N + model, mask=mask, other=0.0)
-    beta2 = tl.load(sc + 3 * N + model, mask=mask, other=0.0)
-    omb2 = tl.load(sc + 4 * N + model, mask=mask, other=0.0)
-    eps = tl.load(sc + 5 * N + model, mask=mask, other=1.0)
+    if SKIP:
+        # Skipped models (found_inf != 0) read and write nothing but their grads:
+        # their lanes compute with the loads' `other` values (their bias
+        # corrections may be inf / NaN: steps did not advance), and are not stored.
+        live = mask & (tl.load(sc + 10 * N + model, mask=mask, other=0.0) != 0)
+    else:
+        live = mask
 
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    step_size = tl.load(sc + model, mask=live, other=0.0)
+    bc2_sqrt = tl.load(sc + N + model, mask=live, other=1.0)
+    w = tl.load(sc + 2 * N + model, mask=live, other=0.0)
+    beta2 = tl.load(sc + 3 * N + model, mask=live, other=0.0)
+    omb2 = tl.load(sc + 4 * N + model, mask=live, other=0.0)
+    eps = tl.load(sc + 5 * N + model, mask=live, other=1.0)
+
+    p = tl.load(p_ptr + offs, mask=live, other=0.0).to(COMPUTE)
+    if UNSCALE:
+        g = _unscale(g_ptr, offs, mask, live, sc + 9 * N + model, DTYPE, COMPUTE, SKIP)
+    else:
+        g = tl.load(g_ptr + offs, mask=live, other=0.0).to(COMPUTE)
+    m = tl.load(m_ptr + offs, mask=live, other=0.0).to(COMPUTE)
+    v = tl.load(v_ptr + offs, mask=live, other=0.0).to(COMPUTE)
 
     if DECOUPLED:
-        decay_mul = tl.load(sc + 7 * N + model, mask=mask, other=1.0)
+        decay_mul = tl.load(sc + 7 * N + model, mask=live, other=1.0)
         p = p * decay_mul
     else:
-        wd = tl.load(sc + 6 * N + model, mask=mask, other=0.0)
+        wd = tl.load(sc + 6 * N + model, mask=live, other=0.0)
         g = g + wd * p
     # torch.lerp's two-branch formula, so the first moment rounds as torch's does.
     m = tl.where(w < 0.5, m + w * (g - m), g - (g - m) * (1.0 - w))
@@ -335,7 +465,7 @@ def _adam_kernel(
     src = v
     if AMSGRAD:
         vmax_ptr = tl.load(table + 4 * T + t).to(tl.pointer_type(DTYPE))
-        on = mask & (tl.load(sc + 8 * N + model, mask=mask, other=0.0) != 0)
+        on = live & (tl.load(sc + 8 * N + model, mask=live, other=0.0) != 0)
         vm = tl.load(vmax_ptr + offs, mask=on, other=0.0).to(COMPUTE)
         vm = tl.where((vm > v) | (vm != vm), vm, v)  # torch.maximum: NaN wins
         tl.store(vmax_ptr + offs, _to_storage(vm, DTYPE), mask=on)
@@ -346,9 +476,9 @@ def _adam_kernel(
     else:
         denom = tl.div_rn(tl.sqrt_rn(src), bc2_sqrt) + eps
         p = p + (-step_size) * tl.div_rn(m, denom)
-    tl.store(p_ptr + offs, _to_storage(p, DTYPE), mask=mask)
-    tl.store(m_ptr + offs, _to_storage(m, DTYPE), mask=mask)
-    tl.store(v_ptr + offs, _to_storage(v, DTYPE), mask=mask)
+    tl.store(p_ptr + offs, _to_storage(p, DTYPE), mask=live)
+    tl.store(m_ptr + offs, _to_storage(m, DTYPE), mask=live)
+    tl.store(v_ptr + offs, _to_storage(v, DTYPE), mask=live)
 
 
 def adam_step(
@@ -365,10 +495,13 @@ def adam_step(
     weight_decay: torch.Tensor,
     amsgrad: torch.Tensor,
     decoupled_weight_decay: bool,
+    inv_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """One Adam (AdamW when ``decoupled_weight_decay``) step of N stacked models,
-    in place; see the module docstring. Raises ValueError, changing nothing, on
-    bad input."""
+    in place, with optional per-model grad unscaling (``inv_scale``) and skipping
+    (``found_inf``); see the module docstring. Raises ValueError, changing
+    nothing, on bad input."""
     op = _NAME
     n = _check_params(op, params, steps, _interpreting(_adam_kernel))
     _check_like(op, params, grads, "grads")
@@ -387,15 +520,17 @@ def adam_step(
     }
     for name, v in hps.items():
         _check_hparam(op, v, n, name)
+    _check_scaler(op, inv_scale, found_inf, n, params, steps)
     if not any_ams and params and _any_nonzero_on_cpu(amsgrad):
         raise ValueError(
             f"{op}: amsgrad is set for some models but max_exp_avg_sqs is empty; pass one "
             "max_exp_avg_sqs tensor per parameter"
         )
 
-    # The step counter advances first; bias corrections use the new count, per
-    # model, in float64 (as the C++ kernel computes them).
-    steps.add_(1)
+    # The step counter advances first (for the models that step); bias
+    # corrections use the new count, per model, in float64 (as the C++ kernel
+    # computes them).
+    keep = _advance_steps(steps, found_inf)
     if not params:
         return
     t = steps
@@ -418,6 +553,9 @@ def adam_step(
     )
     dev = params[0].device
     scalars = scalars.to(device=dev, dtype=_compute_dtype(params[0].dtype))
+    unscale, skip = inv_scale is not None, found_inf is not None
+    if unscale or skip:
+        scalars = torch.cat([scalars, _scaler_rows(inv_scale, keep, scalars)])
     lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if any_ams else None]
     _launch(
         _adam_kernel,
@@ -426,4 +564,6 @@ def adam_step(
         n,
         DECOUPLED=bool(decoupled_weight_decay),
         AMSGRAD=any_ams,
+        UNSCALE=unscale,
+        SKIP=skip,
     )

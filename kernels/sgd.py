@@ -22,6 +22,16 @@ float16 / bfloat16 tensors and in float64 for float64 tensors::
 Models with momentum 0 neither read nor write their momentum buffers, and
 ``momentum_buffers`` is an empty list when no model uses momentum.
 
+Mixed precision: optional trailing ``inv_scale`` and ``found_inf`` (contiguous
+float32 ``[N]`` on the params' device), as in ``kernels/adam.py``. With
+``inv_scale`` every grad element of every model (skipped or not) is unscaled
+and written back, ``g = dtype(opmath(g) * inv_scale[i])``, and the update uses
+that value; a model with ``found_inf[i] != 0`` is skipped: ``steps[i]`` does
+not advance (so its next step is still its first when ``steps[i]`` is 0) and
+its params and momentum buffers are left untouched bit for bit. Both are extra
+rows of the scalars table read under constexpr flags, so without them the
+kernel compiles to the plain one.
+
 Why it is built this way: as ``kernels/adam.py`` (whose multi-tensor helpers
 this module uses). One launch covers all tensors through a device table of
 data pointers; grid ``(cdiv(max_numel, BLOCK), num_tensors)``; the model of an
@@ -44,14 +54,18 @@ import triton.language as tl
 
 from .adam import (
     Tensors,
+    _advance_steps,
     _any_nonzero_on_cpu,
     _check_hparam,
     _check_like,
     _check_params,
+    _check_scaler,
     _compute_dtype,
     _interpreting,
     _launch,
+    _scaler_rows,
     _to_storage,
+    _unscale,
 )
 
 _NAME = "modelbatch.kernels.sgd.sgd_step"
@@ -60,7 +74,8 @@ _NAME = "modelbatch.kernels.sgd.sgd_step"
 @triton.jit
 def _sgd_kernel(
     table,  # int64 [4, T]: pointers of params, grads, momentum_buffers; numels
-    sc,  # COMPUTE [7, N]: -lr, momentum, 1-dampening, wd, uses momentum, first step, nesterov
+    sc,  # COMPUTE [7 (+2), N]: -lr, momentum, 1-dampening, wd, uses momentum, first step,
+    #      nesterov (, inv_scale, keep when UNSCALE or SKIP)
     t0,  # first tensor of this launch
     T,  # number of tensors (row length of table)
     N,  # number of models
@@ -69,6 +84,8 @@ def _sgd_kernel(
     INT64: tl.constexpr,
     BLOCK: tl.constexpr,
     MOMENTUM: tl.constexpr,
+    UNSCALE: tl.constexpr,
+    SKIP: tl.constexpr,
 ):
     t = t0 + tl.program_id(1)
     numel = tl.load(table + 3 * T + t)
@@ -83,19 +100,27 @@ def _sgd_kernel(
 
     p_ptr = tl.load(table + t).to(tl.pointer_type(DTYPE))
     g_ptr = tl.load(table + T + t).to(tl.pointer_type(DTYPE))
-    neg_lr = tl.load(sc + model, mask=mask, other=0.0)
-    wd = tl.load(sc + 3 * N + model, mask=mask, other=0.0)
+    if SKIP:
+        # Skipped models (found_inf != 0) read and write nothing but their grads.
+        live = mask & (tl.load(sc + 8 * N + model, mask=mask, other=0.0) != 0)
+    else:
+        live = mask
+    neg_lr = tl.load(sc + model, mask=live, other=0.0)
+    wd = tl.load(sc + 3 * N + model, mask=live, other=0.0)
 
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    p = tl.load(p_ptr + offs, mask=live, other=0.0).to(COMPUTE)
+    if UNSCALE:
+        g = _unscale(g_ptr, offs, mask, live, sc + 7 * N + model, DTYPE, COMPUTE, SKIP)
+    else:
+        g = tl.load(g_ptr + offs, mask=live, other=0.0).to(COMPUTE)
     g = g + wd * p
     if MOMENTUM:
         buf_ptr = tl.load(table + 2 * T + t).to(tl.pointer_type(DTYPE))
-        mom = tl.load(sc + N + model, mask=mask, other=0.0)
-        omd = tl.load(sc + 2 * N + model, mask=mask, other=0.0)
-        use = mask & (tl.load(sc + 4 * N + model, mask=mask, other=0.0) != 0)
-        first = tl.load(sc + 5 * N + model, mask=mask, other=0.0) != 0
-        nest = tl.load(sc + 6 * N + model, mask=mask, other=0.0) != 0
+        mom = tl.load(sc + N + model, mask=live, other=0.0)
+        omd = tl.load(sc + 2 * N + model, mask=live, other=0.0)
+        use = live & (tl.load(sc + 4 * N + model, mask=live, other=0.0) != 0)
+        first = tl.load(sc + 5 * N + model, mask=live, other=0.0) != 0
+        nest = tl.load(sc + 6 * N + model, mask=live, other=0.0) != 0
         # On a first step the old buffer is not read (it may hold anything).
         old = tl.load(buf_ptr + offs, mask=use & ~first, other=0.0).to(COMPUTE)
         b = old * mom
@@ -104,7 +129,7 @@ def _sgd_kernel(
         tl.store(buf_ptr + offs, _to_storage(b, DTYPE), mask=use)
         g = tl.where(use, tl.where(nest, g + mom * b, b), g)
     p = p + neg_lr * g
-    tl.store(p_ptr + offs, _to_storage(p, DTYPE), mask=mask)
+    tl.store(p_ptr + offs, _to_storage(p, DTYPE), mask=live)
 
 
 def sgd_step(
@@ -117,9 +142,12 @@ def sgd_step(
     dampening: torch.Tensor,
     weight_decay: torch.Tensor,
     nesterov: torch.Tensor,
+    inv_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
-    """One SGD step of N stacked models, in place; see the module docstring.
-    Raises ValueError, changing nothing, on bad input."""
+    """One SGD step of N stacked models, in place, with optional per-model grad
+    unscaling (``inv_scale``) and skipping (``found_inf``); see the module
+    docstring. Raises ValueError, changing nothing, on bad input."""
     op = _NAME
     n = _check_params(op, params, steps, _interpreting(_sgd_kernel))
     _check_like(op, params, grads, "grads")
@@ -135,13 +163,14 @@ def sgd_step(
     }
     for name, v in hps.items():
         _check_hparam(op, v, n, name)
+    _check_scaler(op, inv_scale, found_inf, n, params, steps)
     if not any_mom and params and _any_nonzero_on_cpu(momentum):
         raise ValueError(
             f"{op}: momentum is nonzero for some models but momentum_buffers is empty; "
             "pass one momentum buffer per parameter"
         )
 
-    steps.add_(1)
+    keep = _advance_steps(steps, found_inf)
     if not params:
         return
     lr64, mom64, damp64, wd64 = (
@@ -161,5 +190,8 @@ def sgd_step(
     )
     dev = params[0].device
     scalars = scalars.to(device=dev, dtype=_compute_dtype(params[0].dtype))
+    unscale, skip = inv_scale is not None, found_inf is not None
+    if unscale or skip:
+        scalars = torch.cat([scalars, _scaler_rows(inv_scale, keep, scalars)])
     lists = [params, grads, momentum_buffers if any_mom else None]
-    _launch(_sgd_kernel, lists, scalars, n, MOMENTUM=any_mom)
+    _launch(_sgd_kernel, lists, scalars, n, MOMENTUM=any_mom, UNSCALE=unscale, SKIP=skip)

@@ -108,7 +108,11 @@ def test_modelbatch_takes_the_fast_path_and_matches_the_dispatcher_path(monkeypa
         handled.append(out is not interception._NOT_HANDLED)
         return out
 
-    monkeypatch.setitem(interception._ROUTES, torch._C._nn.linear, (counting_fast, lin.linear))
+    monkeypatch.setitem(
+        interception._ROUTES,
+        torch._C._nn.linear,
+        (counting_fast, lin.linear, interception._autocast_linear),
+    )
     fast = batch.compute_loss(batch(x), y, F.cross_entropy, reduction="none")
     assert handled == [True, True]
     fast.sum().backward()
@@ -125,8 +129,14 @@ def test_modelbatch_takes_the_fast_path_and_matches_the_dispatcher_path(monkeypa
         calls.append(1)
         return general(*args, **kwargs)
 
-    monkeypatch.setitem(interception._ROUTES, torch._C._nn.linear, (no_fast, counting))
-    monkeypatch.setitem(interception._ROUTES, F.linear, (no_fast, counting))
+    monkeypatch.setitem(
+        interception._ROUTES,
+        torch._C._nn.linear,
+        (no_fast, counting, interception._autocast_linear),
+    )
+    monkeypatch.setitem(
+        interception._ROUTES, F.linear, (no_fast, counting, interception._autocast_linear)
+    )
     slow = batch.compute_loss(batch(x), y, F.cross_entropy, reduction="none")
     slow.sum().backward()
     assert len(calls) == 2  # the dispatcher path really ran, once per layer

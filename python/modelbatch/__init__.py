@@ -1,6 +1,7 @@
 """ModelBatch: train hundreds to thousands of independent PyTorch models at once."""
 
 from modelbatch import (
+    amp,
     ops,  # noqa: F401  (loads _C and registers the kernels)
     optim,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "ModelBatch",
     "OptimizerFactory",
     "PerModelOptimizer",
+    "amp",
     "backend_info",
     "c_extension_loaded",
     "check_compatible",

@@ -55,6 +55,44 @@ def _level_of(t) -> int | None:
     return None
 
 
+def _autocast_to(tensors) -> torch.dtype | None:
+    """The dtype autocast gives a lower-precision op (``linear``) on these tensors'
+    device, or None when autocast is off there."""
+    for t in tensors:
+        if isinstance(t, Tensor):
+            kind = t.device.type
+            if torch.is_autocast_enabled(kind):
+                return torch.get_autocast_dtype(kind)
+            return None
+    return None
+
+
+def _cast(t, dtype):
+    """autocast's cast of one argument: floating tensors other than float64 only."""
+    if isinstance(t, Tensor) and t.is_floating_point() and t.dtype not in (dtype, torch.float64):
+        return t.to(dtype)
+    return t
+
+
+# autocast acts at the dispatcher, after vmap's batching rules have rewritten a call
+# into other ops (``linear`` with a bias becomes ``matmul`` + ``add``), so inside a
+# vmap it does not give the per-model dtypes. The routed ops apply its policy here,
+# at the call the model made: ``linear`` in the lower precision, ``cross_entropy``
+# in float32, as torch.autocast does for one model.
+def _autocast_linear(args, kwargs):
+    dtype = _autocast_to(args[:2])
+    if dtype is None:
+        return args, kwargs
+    return tuple(_cast(a, dtype) for a in args), {k: _cast(v, dtype) for k, v in kwargs.items()}
+
+
+def _autocast_float32(args, kwargs):
+    if _autocast_to(args[:1]) is None:
+        return args, kwargs
+    f32 = torch.float32
+    return tuple(_cast(a, f32) for a in args), {k: _cast(v, f32) for k, v in kwargs.items()}
+
+
 def _fast_linear(x, weight, bias=None):
     level = _level_of(weight)
     if level is None:
@@ -81,9 +119,9 @@ def _fast_cross_entropy(input, target, *args, **kwargs):
 
 
 _ROUTES = {
-    torch._C._nn.linear: (_fast_linear, linear_op.linear),
-    torch.nn.functional.linear: (_fast_linear, linear_op.linear),
-    torch.nn.functional.cross_entropy: (_fast_cross_entropy, ce_op.route),
+    torch._C._nn.linear: (_fast_linear, linear_op.linear, _autocast_linear),
+    torch.nn.functional.linear: (_fast_linear, linear_op.linear, _autocast_linear),
+    torch.nn.functional.cross_entropy: (_fast_cross_entropy, ce_op.route, _autocast_float32),
 }
 
 
@@ -166,7 +204,8 @@ class ModelBatchMode(TorchFunctionMode):
                     return func(*args, **kwargs)
         route = _ROUTES.get(func) if self.route_ops else None
         if route is not None:
-            fast, general = route
+            fast, general, autocast = route
+            args, kwargs = autocast(args, kwargs)
             out = fast(*args, **kwargs)
             if out is not _NOT_HANDLED:
                 return out

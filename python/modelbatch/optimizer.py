@@ -70,11 +70,20 @@ class PerModelOptimizer(torch.optim.Optimizer):
         self.batch.zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure=None, *, skip=None):  # type: ignore[override]
+        """Step every model; those with ``skip[i]`` true (``[N]`` bools, from
+        :class:`modelbatch.amp.GradScaler`) are left out: their grads are hidden
+        from the wrapped optimizer, which then leaves their state untouched."""
+        n = len(self._views)
+        if skip is not None:
+            skip = torch.as_tensor(skip, device="cpu").bool()
+            if skip.shape != (n,):
+                raise ValueError(f"skip must be [N={n}] bools, got shape {tuple(skip.shape)}")
+            skip = skip.tolist()
         for k, p in enumerate(self._stacked):
             g = p.grad
             for i, views in enumerate(self._views):
-                views[k].grad = None if g is None else g[i]
+                views[k].grad = None if g is None or (skip and skip[i]) else g[i]
         return self.inner.step(closure)
 
     def state_dict(self) -> dict[str, Any]:

@@ -191,7 +191,27 @@ class FusedOptimizer(torch.optim.Optimizer):
         return st[key]
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self,
+        closure=None,
+        *,
+        inv_scale: torch.Tensor | None = None,
+        found_inf: torch.Tensor | None = None,
+    ):
+        """One step of every model.
+
+        ``inv_scale`` and ``found_inf`` (float32 ``[N]``) come from
+        :class:`modelbatch.amp.GradScaler`: with ``inv_scale`` the grads are loss
+        scaled and the kernel unscales them in place as it reads them; a model with
+        ``found_inf[i] != 0`` is skipped (parameters, state and step count untouched).
+        """
+        for name, v in (("inv_scale", inv_scale), ("found_inf", found_inf)):
+            if v is not None and (not isinstance(v, torch.Tensor) or v.shape != (self.num_models,)):
+                shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(
+                    f"{type(self).__name__}.step: {name} must be a [N={self.num_models}] "
+                    f"tensor, got {shape}"
+                )
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -207,13 +227,22 @@ class FusedOptimizer(torch.optim.Optimizer):
             if steps.device != device:
                 steps = steps.to(device)
             params = [self._params[k] for k in idx]
-            grads = [self._params[k].grad.contiguous() for k in idx]
-            self._launch(idx, params, grads, steps, device)
+            grads = [self._params[k].grad for k in idx]
+            flat = [g.contiguous() for g in grads]
+            amp = {
+                "inv_scale": None if inv_scale is None else inv_scale.to(device, torch.float32),
+                "found_inf": None if found_inf is None else found_inf.to(device, torch.float32),
+            }
+            self._launch(idx, params, flat, steps, device, **amp)
+            if inv_scale is not None:  # the kernel unscaled the grads it was given
+                for g, f in zip(grads, flat):
+                    if f is not g:
+                        g.copy_(f)
             if b == 0 and steps is not self.steps:
                 self.steps.copy_(steps)
         return loss
 
-    def _launch(self, idx, params, grads, steps, device) -> None:
+    def _launch(self, idx, params, grads, steps, device, inv_scale=None, found_inf=None) -> None:
         raise NotImplementedError
 
     # ------------------------------------------------------------------- state

@@ -63,7 +63,7 @@ class Adam(FusedOptimizer):
         if not v["weight_decay"][i] >= 0.0:
             raise ValueError(f"Invalid weight_decay value for model {i}: {v['weight_decay'][i]}")
 
-    def _launch(self, idx, params, grads, steps, device) -> None:
+    def _launch(self, idx, params, grads, steps, device, inv_scale=None, found_inf=None) -> None:
         h = lambda name: self.hparam(name, device)
         ams = bool(self._vec["amsgrad"].any())
         adam_op.adam_step(
@@ -80,6 +80,8 @@ class Adam(FusedOptimizer):
             h("weight_decay"),
             h("amsgrad"),
             self._decoupled,
+            inv_scale,
+            found_inf,
         )
 
 

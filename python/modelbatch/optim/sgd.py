@@ -62,7 +62,7 @@ class SGD(FusedOptimizer):
                 f"Nesterov momentum requires a momentum and zero dampening (model {i})"
             )
 
-    def _launch(self, idx, params, grads, steps, device) -> None:
+    def _launch(self, idx, params, grads, steps, device, inv_scale=None, found_inf=None) -> None:
         h = lambda name: self.hparam(name, device)
         mom = bool(self._vec["momentum"].any())
         sgd_op.sgd_step(
@@ -75,4 +75,6 @@ class SGD(FusedOptimizer):
             h("dampening"),
             h("weight_decay"),
             h("nesterov"),
+            inv_scale,
+            found_inf,
         )

@@ -27,6 +27,7 @@ test: lint
 bench: setup
 	$(PY) benchmarks/bench.py
 	$(PY) benchmarks/bench_dropout.py
+	$(PY) benchmarks/bench_amp.py
 
 bench-quick: setup
 	$(PY) benchmarks/bench.py --quick

@@ -31,3 +31,4 @@ mkdir -p "$OUT"
 "$PY" -m pytest -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/pytest.txt" || true
 "$PY" benchmarks/bench.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.txt"
 "$PY" benchmarks/bench_dropout.py --device cuda 2>&1 | tee "$OUT/bench_dropout.txt"
+"$PY" benchmarks/bench_amp.py --device cuda 2>&1 | tee "$OUT/bench_amp.txt"

@@ -181,4 +181,16 @@ inline std::vector<float> amp_vector(const std::optional<at::Tensor>& t, int64_t
   return std::vector<float>(d, d + n);
 }
 
+// skip[i]: model i found an inf/NaN grad (found_inf[i] != 0) and does not step.
+// An empty found_inf (none given) skips nobody.
+inline std::vector<char> skip_mask(const std::vector<float>& found, int64_t n, bool* any) {
+  std::vector<char> skip(n, 0);
+  *any = false;
+  for (size_t i = 0; i < found.size(); ++i) {
+    skip[i] = found[i] != 0.0f;
+    *any = *any || skip[i];
+  }
+  return skip;
+}
+
 }  // namespace modelbatch

@@ -121,13 +121,8 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   const auto inv_v = amp_vector(inv_scale, n, op, "inv_scale");
   const auto found_v = amp_vector(found_inf, n, op, "found_inf");
   const bool unscale = inv_scale.has_value();
-  // skip[i]: model i found an inf/NaN grad and does not step.
-  std::vector<char> skip(n, 0);
   bool any_skip = false;
-  for (size_t i = 0; i < found_v.size(); ++i) {
-    skip[i] = found_v[i] != 0.0f;
-    any_skip = any_skip || skip[i];
-  }
+  const std::vector<char> skip = skip_mask(found_v, n, &any_skip);
 
   double* step_ptr = steps.data_ptr<double>();
   for (int64_t i = 0; i < n; ++i) step_ptr[i] += skip[i] ? 0.0 : 1.0;

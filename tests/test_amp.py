@@ -435,6 +435,31 @@ def test_bad_state_dicts_and_arguments_are_rejected_unchanged():
         mb.amp.GradScaler(torch.nn.Linear(2, 2))
 
 
+def test_setters_are_per_model_and_validated():
+    batch = mb.ModelBatch([MLP() for _ in range(3)])
+    scaler = mb.amp.GradScaler(batch)
+    scaler.set_growth_factor([2.0, 3.0, 4.0])
+    scaler.set_backoff_factor(0.25)
+    scaler.set_growth_interval([1, 2, 3])
+    assert scaler.get_growth_factor() == [2.0, 3.0, 4.0]
+    assert scaler.get_backoff_factor() == [0.25] * 3
+    assert scaler.get_growth_interval() == [1, 2, 3]
+    with pytest.raises(
+        ValueError, match=r"set_growth_interval: growth_interval must be an integer"
+    ):
+        scaler.set_growth_interval([1, 0, 3])
+    with pytest.raises(ValueError, match=r"set_backoff_factor: backoff_factor must be in \(0, 1\)"):
+        scaler.set_backoff_factor(2.0)
+    assert scaler.get_growth_interval() == [1, 2, 3]
+    assert scaler.get_backoff_factor() == [0.25] * 3
+    # The new factors drive update(): model 0 grows after 1 clean step, x2.
+    _losses(batch).sum().backward()
+    opt = mb.optim.SGD(batch, lr=0.0)
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale().tolist() == [2.0**17, 2.0**16, 2.0**16]
+
+
 def test_call_order_errors_like_torch():
     batch = mb.ModelBatch([MLP() for _ in range(2)])
     opt = mb.optim.SGD(batch, lr=0.1)

@@ -325,45 +325,32 @@ class GradScaler:
         return self._growth_factor.tolist()
 
     def set_growth_factor(self, new_factor: Any) -> None:
-        v = per_model("growth_factor", new_factor, self.num_models)
-        self._validate(
-            self._scale.cpu().double().numpy(),
-            v,
-            self._backoff_factor,
-            self._growth_interval,
-            "set_growth_factor",
-        )
-        self._growth_factor = v
-        self._factors_cache = None
+        self._set_factor("growth_factor", new_factor)
 
     def get_backoff_factor(self) -> list[float]:
         return self._backoff_factor.tolist()
 
     def set_backoff_factor(self, new_factor: Any) -> None:
-        v = per_model("backoff_factor", new_factor, self.num_models)
-        self._validate(
-            self._scale.cpu().double().numpy(),
-            self._growth_factor,
-            v,
-            self._growth_interval,
-            "set_backoff_factor",
-        )
-        self._backoff_factor = v
-        self._factors_cache = None
+        self._set_factor("backoff_factor", new_factor)
 
     def get_growth_interval(self) -> list[int]:
         return self._growth_interval.tolist()
 
     def set_growth_interval(self, new_interval: Any) -> None:
-        v = per_model("growth_interval", new_interval, self.num_models)
-        self._validate(
-            self._scale.cpu().double().numpy(),
-            self._growth_factor,
-            self._backoff_factor,
-            v,
-            "set_growth_interval",
-        )
-        self._growth_interval = v.astype(np.int64)
+        self._set_factor("growth_interval", new_interval)
+
+    def _set_factor(self, name: str, value: Any) -> None:
+        """Set one of the factors (a scalar or N values), validated first."""
+        factors = {
+            "growth_factor": self._growth_factor,
+            "backoff_factor": self._backoff_factor,
+            "growth_interval": self._growth_interval,
+        }
+        factors[name] = per_model(name, value, self.num_models)
+        self._validate(self._scale.cpu().double().numpy(), *factors.values(), f"set_{name}")
+        self._growth_factor = factors["growth_factor"]
+        self._backoff_factor = factors["backoff_factor"]
+        self._growth_interval = factors["growth_interval"].astype(np.int64)
         self._factors_cache = None
 
     # ----------------------------------------------------------------- state

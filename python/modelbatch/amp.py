@@ -184,8 +184,8 @@ class GradScaler:
             out.setdefault((g.device, g.dtype), []).append(g)
         return out
 
-    def _check_and_unscale(self, optimizer, write: bool) -> torch.Tensor:
-        """``found_inf [N]`` of the optimizer's grads; unscales them if ``write``."""
+    def _check_and_unscale(self, optimizer, inv: torch.Tensor, write: bool) -> torch.Tensor:
+        """``found_inf [N]`` of the optimizer's grads; unscales them by ``inv`` if ``write``."""
         buckets = self._grad_buckets(optimizer)
         if not buckets:
             raise RuntimeError(
@@ -193,7 +193,6 @@ class GradScaler:
                 "parameters has a gradient; call backward() on scaler.scale(losses) first)"
             )
         found = torch.zeros(self.num_models, dtype=torch.float32, device=self.device)
-        inv = self._inv_scale()
         with torch.no_grad():
             for (device, _), grads in buckets.items():
                 f = found if device == self.device else found.to(device)
@@ -220,7 +219,7 @@ class GradScaler:
             )
         if state["stage"] is _Stage.STEPPED:
             raise RuntimeError("unscale_() is being called after step().")
-        state["found_inf"] = self._check_and_unscale(optimizer, write=True)
+        state["found_inf"] = self._check_and_unscale(optimizer, self._inv_scale(), write=True)
         state["stage"] = _Stage.UNSCALED
 
     def step(self, optimizer, *args: Any, **kwargs: Any) -> Any:
@@ -241,9 +240,10 @@ class GradScaler:
         if state["stage"] is _Stage.READY:
             if fused:
                 # Check only; the optimizer kernel unscales as it reads the grads.
-                found = self._check_and_unscale(optimizer, write=False)
+                inv = self._inv_scale()
+                found = self._check_and_unscale(optimizer, inv, write=False)
                 state["found_inf"] = found
-                out = optimizer.step(inv_scale=self._inv_scale(), found_inf=found, **kwargs)
+                out = optimizer.step(inv_scale=inv, found_inf=found, **kwargs)
                 state["stage"] = _Stage.STEPPED
                 return out
             self.unscale_(optimizer)

@@ -79,18 +79,23 @@ def _cast(t, dtype):
 # vmap it does not give the per-model dtypes. The routed ops apply its policy here,
 # at the call the model made: ``linear`` in the lower precision, ``cross_entropy``
 # in float32, as torch.autocast does for one model.
-def _autocast_linear(args, kwargs):
-    dtype = _autocast_to(args[:2])
-    if dtype is None:
-        return args, kwargs
-    return tuple(_cast(a, dtype) for a in args), {k: _cast(v, dtype) for k, v in kwargs.items()}
+def _autocast_policy(low_precision: bool):
+    """The cast autocast applies to a call's floating args: to its low dtype
+    (``low_precision``) or to float32; nothing when it is off on their device."""
+
+    def apply(args, kwargs):
+        dtype = _autocast_to(args[:2])
+        if dtype is None:
+            return args, kwargs
+        if not low_precision:
+            dtype = torch.float32
+        return tuple(_cast(a, dtype) for a in args), {k: _cast(v, dtype) for k, v in kwargs.items()}
+
+    return apply
 
 
-def _autocast_float32(args, kwargs):
-    if _autocast_to(args[:1]) is None:
-        return args, kwargs
-    f32 = torch.float32
-    return tuple(_cast(a, f32) for a in args), {k: _cast(v, f32) for k, v in kwargs.items()}
+_autocast_linear = _autocast_policy(low_precision=True)
+_autocast_float32 = _autocast_policy(low_precision=False)
 
 
 def _fast_linear(x, weight, bias=None):

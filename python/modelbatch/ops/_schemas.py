@@ -41,4 +41,13 @@ SCHEMAS = {
         "batched_dropout(Tensor x, Tensor seeds, Tensor offsets, float p, int repeat, int kind, "
         "bool grad) -> Tensor"
     ),
+    "rnn_layer": (
+        "rnn_layer(int mode, Tensor gx, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, Tensor h0, "
+        "Tensor? c0, bool reverse, int[] batch_sizes) -> (Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "rnn_layer_backward": (
+        "rnn_layer_backward(int mode, Tensor grad_out, Tensor grad_hn, Tensor? grad_cn, "
+        "Tensor w_hh, Tensor? b_hh, Tensor? w_hr, Tensor h0, Tensor? c0, Tensor out, Tensor ws, "
+        "bool reverse, int[] batch_sizes) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
 }

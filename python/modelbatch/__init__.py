@@ -2,12 +2,13 @@
 
 from modelbatch import (
     amp,
+    batching,  # noqa: F401  (registers the recurrent vmap rules)
     ops,  # noqa: F401  (loads _C and registers the kernels)
     optim,
 )
 from modelbatch._backend import backend_info, c_extension_loaded
 from modelbatch.clip import clip_grad_norm_
-from modelbatch.core import ModelBatch, check_compatible
+from modelbatch.core import ModelBatch, PerModelFallbackWarning, check_compatible
 from modelbatch.optimizer import (
     OptimizerFactory,
     PerModelOptimizer,
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ModelBatch",
     "OptimizerFactory",
+    "PerModelFallbackWarning",
     "PerModelOptimizer",
     "amp",
     "backend_info",

@@ -5,9 +5,12 @@ A ModelBatch step on the CPU allocates and frees a few dozen tensors of megabyte
 ``mmap`` pages, or trims its heap back to the OS right after they are freed, so
 every step page-faults its working set in again; in a virtual machine one fault
 costs about a microsecond, which adds up to several milliseconds per step: more
-than the arithmetic of a small model. Raising glibc's mmap and trim thresholds keeps
-freed memory in the heap for reuse (the effect jemalloc or tcmalloc give when
-preloaded). The cost: the process keeps its peak heap instead of returning it.
+than the arithmetic of a small model. Raising glibc's trim threshold and serving
+every block from the heap (no ``mmap``: its threshold cannot exceed 32 MiB, and the
+recurrent layers of many models allocate hundreds of megabytes per step, whose
+faults cost a third of a step) keeps freed memory in the heap for reuse (the effect
+jemalloc or tcmalloc give when preloaded). The cost: the process keeps its peak
+heap instead of returning it.
 
 ``ModelBatch`` applies this once, the first time it runs on the CPU, unless the
 environment sets ``MODELBATCH_TUNE_MALLOC=0``. ``backend_info()`` reports the state.
@@ -23,6 +26,7 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
 
 _state: dict[str, object] = {"applied": False, "reason": "not applied yet"}
 
@@ -51,12 +55,13 @@ def tune_cpu_allocator(force: bool = False) -> bool:
         mallopt(param, value) == 1
         for param, value in (
             (_M_MMAP_THRESHOLD, 32 << 20),  # glibc's maximum: blocks below it come from the heap
+            (_M_MMAP_MAX, 0),  # and the larger ones too
             (_M_TRIM_THRESHOLD, 1 << 30),  # never give the top of the heap back mid-training
             (_M_TOP_PAD, 64 << 20),  # grow the heap in large steps
         )
     )
     _state["applied"] = ok
-    _state["reason"] = "mmap threshold 32 MiB, trim threshold 1 GiB" if ok else "mallopt failed"
+    _state["reason"] = "no mmap, trim threshold 1 GiB" if ok else "mallopt failed"
     return ok
 
 

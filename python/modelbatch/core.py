@@ -13,13 +13,14 @@ import copy
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from modelbatch import rng as _rng
 from modelbatch.allocator import tune_cpu_allocator
@@ -32,6 +33,34 @@ _SHAPE_ERROR = re.compile(
 _META_FILE = "modelbatch.json"
 _RNG_FILE = "rng.pt"
 _RNG_BUFFERS = ("rng_seeds", "rng_offsets")
+
+
+class PerModelFallbackWarning(UserWarning):
+    """A ModelBatch runs its forward model by model: ``torch.vmap`` cannot batch an
+    op of the models (see ``ModelBatch(fallback=...)``)."""
+
+
+_WARNED_OPS: set[str] = set()
+_UNBATCHABLE = (
+    (re.compile(r"Batching rule not implemented for (\S+?)\.? "), None),
+    (re.compile(r"vmap: we do not yet support (\S+?)\."), None),
+    (re.compile(r"dynamic shape\. Attempted to vmap over (\S+?)\."), None),
+    (re.compile(r"dynamic shape\. Attempting to batch over (.+?)\."), None),
+    (re.compile(r"vmap: It looks like you're calling \.item\(\)"), "Tensor.item()"),
+    (re.compile(r"vmap: It looks like you're attempting to use a Tensor in some data-dependent"),
+     "data-dependent control flow"),
+)  # fmt: skip
+
+
+def unbatchable_op(err: BaseException) -> str | None:
+    """The op named by a vmap error saying it cannot batch it, or None for any
+    other error."""
+    text = str(err)
+    for pattern, name in _UNBATCHABLE:
+        m = pattern.search(text)
+        if m:
+            return name or m.group(1)
+    return None
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -119,6 +148,13 @@ class ModelBatch(nn.Module):
             a model's forward raises with ``"philox"`` / ``"torch"``.
         intercept: route ``F.linear`` & co. to modelbatch's batched ops during forward
             (see :mod:`modelbatch.interception`); False runs plain vmap.
+        fallback: the safety net for ops ``torch.vmap`` cannot batch (no batching
+            rule, data-dependent shapes or control flow, ``.item()``): run the forward
+            model by model instead of failing (correct, about N times slower;
+            gradients still reach the stacked parameters), warn once per op with a
+            :class:`PerModelFallbackWarning`, and keep doing so for this ModelBatch
+            (:attr:`forward_path` says which path runs, :attr:`fallback_op` why;
+            :meth:`reset_forward_path` tries vmap again). False raises vmap's error.
 
     Outputs are ``[N, B, ...]``; tuples and dicts returned by the models keep their
     structure with every tensor stacked along the model axis.
@@ -132,9 +168,11 @@ class ModelBatch(nn.Module):
         seeds: int | Sequence[int] | torch.Tensor | None = None,
         rng: str | None = "philox",
         intercept: bool = True,
+        fallback: bool = True,
     ) -> None:
         super().__init__()
         self.intercept = intercept
+        self.fallback = fallback
         models = list(models)
         check_compatible(models)
         self.num_models = len(models)
@@ -181,6 +219,8 @@ class ModelBatch(nn.Module):
         elif rng == "torch":
             self._torch_streams = _rng.TorchStreams(seeds)
         self._vmapped = self._forward_impl
+        self._path: str | None = None
+        self._fallback_op: str | None = None
         self._allocator_checked = False
         self.latest_losses: torch.Tensor | None = None
 
@@ -316,8 +356,10 @@ class ModelBatch(nn.Module):
 
     def _forward_impl(self, params, buffers, args, kwargs):
         dim = None if self.shared_input else 0
-        in_dims = (0, 0, tuple(dim if isinstance(a, torch.Tensor) else None for a in args))
-        in_dims += ({k: (dim if isinstance(v, torch.Tensor) else None) for k, v in kwargs.items()},)
+        # Every tensor leaf (nested ones too, e.g. an LSTM's (h0, c0)) is per model.
+        in_dims = (0, 0) + tree_map(
+            lambda a: dim if isinstance(a, torch.Tensor) else None, (tuple(args), dict(kwargs))
+        )
         # With per-model streams every random call is routed to them, and any other
         # one must fail loudly rather than share vmap's generator.
         randomness = "different" if self.rng is None else "error"
@@ -337,10 +379,25 @@ class ModelBatch(nn.Module):
         # nn.MultiheadAttention's fused inference path has no vmap batching rule.
         fastpath = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
+        if self._path == "per_model":
+            try:
+                return self._forward_per_model(params, buffers, tuple(args), dict(kwargs))
+            finally:
+                torch.backends.mha.set_fastpath_enabled(fastpath)
+        saved = self._save_state() if self.fallback else None
         try:
             with self._interception(rng=True):
-                return self._vmapped(params, buffers, tuple(args), dict(kwargs))
+                out = self._vmapped(params, buffers, tuple(args), dict(kwargs))
+            self._path = "vmap"
+            return out
         except RuntimeError as err:
+            op = unbatchable_op(err)
+            if op is not None:
+                if not self.fallback:
+                    raise
+                self._restore_state(saved)
+                self._use_per_model(op, err)
+                return self._forward_per_model(params, buffers, tuple(args), dict(kwargs))
             if _rng.VMAP_RANDOM_ERROR in str(err):
                 raise RuntimeError(
                     f"a model called a random operation that has no per-model stream "
@@ -363,6 +420,90 @@ class ModelBatch(nn.Module):
             ) from err
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
+
+    # ------------------------------------------------------- per-model fallback
+    @property
+    def forward_path(self) -> str | None:
+        """``"vmap"`` (all models in one vectorised call), ``"per_model"`` (the
+        safety net: one call per model) or None before the first forward."""
+        return self._path
+
+    @property
+    def fallback_op(self) -> str | None:
+        """The op that sent this ModelBatch to the per-model path (e.g.
+        ``"aten::rrelu"``), or None."""
+        return self._fallback_op
+
+    def reset_forward_path(self) -> None:
+        """Try the vectorised path again on the next forward (after registering a
+        batching rule for the op that was missing, say)."""
+        self._path = None
+        self._fallback_op = None
+
+    def _save_state(self) -> dict[str, Any] | None:
+        """What a failed vmap attempt may have changed: the random streams and, until
+        vmap has run once, the buffers (running statistics)."""
+        state = {}
+        if self.rng == "philox":
+            state["offsets"] = self.rng_offsets.clone()
+        elif self.rng == "torch":
+            state["torch"] = {k: list(v) for k, v in self._torch_streams.states.items()}
+        if self._path is None:
+            state["buffers"] = {n: b.clone() for n, b in self.stacked_buffers().items()}
+        return state
+
+    def _restore_state(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            if "offsets" in state:
+                self.rng_offsets.copy_(state["offsets"])
+            if "torch" in state:
+                self._torch_streams.states = state["torch"]
+            for name, b in state.get("buffers", {}).items():
+                self.stacked_buffers()[name].copy_(b)
+
+    def _use_per_model(self, op: str, err: Exception) -> None:
+        self._path = "per_model"
+        self._fallback_op = op
+        if op not in _WARNED_OPS:
+            _WARNED_OPS.add(op)
+            warnings.warn(
+                f"ModelBatch: torch.vmap cannot batch {op}, so this ModelBatch now runs "
+                "its forward model by model (results are the same; it is about N times "
+                "slower). Please report it, naming the op and the model that calls it, "
+                "on the ModelBatch issue tracker (or register a torch.vmap batching rule "
+                f"for it, as modelbatch.batching does for LSTM). vmap said: {err}",
+                PerModelFallbackWarning,
+                stacklevel=3,
+            )
+
+    def _forward_per_model(self, params, buffers, args, kwargs):
+        """The safety net: model i runs alone on ``params[i]`` / ``buffers[i]`` (views,
+        so gradients and buffer updates reach the stacked tensors) and on its inputs,
+        with its own random stream; the outputs are stacked."""
+        n = self.num_models
+
+        def pick(tree, i):
+            if self.shared_input:
+                return tree
+            return tree_map(lambda t: t[i] if isinstance(t, torch.Tensor) else t, tree)
+
+        outs = []
+        for i in range(n):
+            p_i = {k: v[i] for k, v in params.items()}
+            b_i = {k: v[i] for k, v in buffers.items()}
+            with self._model_streams(i):
+                outs.append(self._call_one(p_i, b_i, pick(args, i), pick(kwargs, i)))
+        return tree_map(lambda *ts: torch.stack(ts), *outs)
+
+    def _model_streams(self, i: int):
+        """Model i's random stream, for a forward of model i alone."""
+        if self.rng == "philox" and self.training:
+            one = _rng.PhiloxStreams(self.rng_seeds[i : i + 1], self.rng_offsets[i : i + 1])
+            return ModelBatchMode(route_ops=False, rng=one)
+        if self.rng == "torch" and self.training:
+            device = next(iter(self.stacked_params().values())).device
+            return self._torch_streams.model_generator(i, device)
+        return contextlib.nullcontext()
 
     def _interception(self, rng: bool = False):
         """The routing mode of :mod:`modelbatch.interception`, or nothing.

@@ -135,6 +135,9 @@ _ROUTES = {
 #: inner calls; for these functions the globals are routed for the call's duration.
 _NESTED_RANDOM = {
     torch.nn.functional.multi_head_attention_forward: ("dropout", "scaled_dot_product_attention"),
+    # The recurrent ops' batching rules (modelbatch.batching) draw the dropout
+    # between layers through F.dropout.
+    **{fn: ("dropout",) for fn in (torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu)},
 }
 _F = torch.nn.functional.__dict__
 _ORIGINALS = {name: _F[name] for names in _NESTED_RANDOM.values() for name in names}

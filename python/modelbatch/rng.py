@@ -45,6 +45,7 @@ The two kinds of stream:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -181,7 +182,12 @@ class PhiloxStreams:
 
     def dropout(self, x: Tensor, p: float, repeat: int, kind: int) -> Tensor:
         """Dropout of ``x`` (one model's view inside vmap) from every model's stream."""
-        level = _level()
+        level = _ft.maybe_current_level()
+        if level is None:
+            # ModelBatch's per-model path: x is one model's tensor, the streams that
+            # model's alone (N = 1); the same mask as inside the vectorised forward.
+            start = self._advance(x.numel() // repeat)
+            return dropout_op.batched_dropout(x.unsqueeze(0), self.seeds, start, p, repeat, kind)[0]
         count = x.numel() // repeat
         start = self._advance(count)
         value, bdim = _unwrap(x, level)
@@ -332,6 +338,20 @@ class TorchStreams:
         if inplace:
             return args[0]
         return tree_map(lambda *ts: _ft._add_batch_dim(torch.stack(ts), 0, level), *outs)
+
+    @contextlib.contextmanager
+    def model_generator(self, i: int, device: torch.device):
+        """Model i's generator as the default one of ``device`` for a forward of model
+        i alone (ModelBatch's per-model path): every random op replays plain PyTorch."""
+        generator = _default_generator(device)
+        states = self._states_for(device)
+        saved = generator.get_state()
+        generator.set_state(states[i])
+        try:
+            yield
+        finally:
+            states[i] = generator.get_state()
+            generator.set_state(saved)
 
     def state(self) -> dict[str, Any]:
         return {

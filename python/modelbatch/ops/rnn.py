@@ -326,10 +326,21 @@ def _setup(ctx, inputs, output):
     out, _, _, ws = output
     ctx.mode, ctx.reverse, ctx.batch_sizes = mode, reverse, batch_sizes
     ctx.save_for_backward(w_hh, b_hh, w_hr, h0, c0, out, ws)
+    # The workspace is not an output anyone differentiates; without this autograd
+    # would fill a zero gradient of its size (5H per step and row) every backward.
+    ctx.mark_non_differentiable(ws)
+    ctx.set_materialize_grads(False)
 
 
 def _zeros_if_none(grad, like):
-    return torch.zeros_like(like) if grad is None else grad.contiguous()
+    """The gradient, or zeros for an output that got none. The kernels read any
+    model/step strides (an expanded gradient too) if each ``[B, P]`` block is
+    contiguous, so only other layouts are copied."""
+    if grad is None:
+        return torch.zeros_like(like)
+    if grad.stride(-1) != 1 or (grad.shape[-2] > 1 and grad.stride(-2) != grad.shape[-1]):
+        return grad.contiguous()
+    return grad
 
 
 def _backward(ctx, grad_out, grad_hn, grad_cn, _grad_ws):

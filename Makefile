@@ -28,6 +28,7 @@ bench: setup
 	$(PY) benchmarks/bench.py
 	$(PY) benchmarks/bench_dropout.py
 	$(PY) benchmarks/bench_amp.py
+	$(PY) benchmarks/bench_rnn.py
 
 bench-quick: setup
 	$(PY) benchmarks/bench.py --quick

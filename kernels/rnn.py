@@ -86,6 +86,7 @@ import itertools
 import torch
 import triton
 import triton.language as tl
+from modelbatch.ops import rnn as rnn_ops
 
 from .adam import _TL_DTYPES, _compute_dtype, _interpreting, _to_storage, check_kernel_device
 
@@ -593,16 +594,9 @@ def rnn_gates_backward(dh: torch.Tensor, h: torch.Tensor, relu: bool) -> torch.T
     return d_pre
 
 
-class TritonGates:
-    """The gate functions of ``modelbatch.ops.rnn.layer_loop`` /
-    ``layer_loop_backward`` as Triton kernels (``ReferenceGates``' signatures)."""
-
-    lstm = staticmethod(lstm_gates)
-    lstm_backward = staticmethod(lstm_gates_backward)
-    gru = staticmethod(gru_gates)
-    gru_backward = staticmethod(gru_gates_backward)
-    rnn = staticmethod(rnn_gates)
-    rnn_backward = staticmethod(rnn_gates_backward)
+#: The gate functions of ``modelbatch.ops.rnn.layer_loop`` / ``layer_loop_backward``
+#: as Triton kernels (``ReferenceGates``' signatures).
+TritonGates = rnn_ops.gate_set("TritonGates", globals())
 
 
 # --------------------------------------------------------------------------
@@ -623,13 +617,11 @@ def _expect(op: str, name: str, t, shape: tuple, dims: str, like: torch.Tensor) 
 
 def _check_layer(op, mode, n, t_len, b, w_hh, b_hh, w_hr, h0, c0, batch_sizes, like):
     """The checks the forward and the backward share; returns ``(P, H)``."""
-    from modelbatch.ops import rnn as ops
-
-    if mode not in ops.GATES:
+    if mode not in rnn_ops.GATES:
         raise ValueError(
             f"{op}: mode must be 0 (LSTM), 1 (GRU), 2 (RNN_TANH) or 3 (RNN_RELU), got {mode}"
         )
-    g = ops.GATES[mode]
+    g = rnn_ops.GATES[mode]
     if like.dtype not in _TL_DTYPES:
         raise ValueError(
             f"{op}: dtype {like.dtype} is not supported; supported: float32, float64, float16, "
@@ -639,7 +631,7 @@ def _check_layer(op, mode, n, t_len, b, w_hh, b_hh, w_hr, h0, c0, batch_sizes, l
         raise ValueError(f"{op}: w_hh must be [N={n}, G*H, P], got {_shape(w_hh)}")
     p = w_hh.shape[2]
     if w_hr is not None:
-        if mode != ops.LSTM:
+        if mode != rnn_ops.LSTM:
             raise ValueError(f"{op}: w_hr (the projection) is only taken by LSTM (mode 0)")
         if not isinstance(w_hr, torch.Tensor) or w_hr.dim() != 3:
             raise ValueError(f"{op}: w_hr must be [N={n}, P={p}, H], got {_shape(w_hr)}")
@@ -649,13 +641,13 @@ def _check_layer(op, mode, n, t_len, b, w_hh, b_hh, w_hr, h0, c0, batch_sizes, l
         hid = p
     _expect(op, "w_hh", w_hh, (n, g * hid, p), f"[N, {g}H, P] (H={hid})", like)
     if b_hh is not None:
-        if mode != ops.GRU:
+        if mode != rnn_ops.GRU:
             raise ValueError(
                 f"{op}: b_hh is only taken by GRU (mode 1); LSTM and RNN fold it into gx"
             )
         _expect(op, "b_hh", b_hh, (n, g * hid), "[N, 3H]", like)
     _expect(op, "h0", h0, (n, b, p), "[N, B, P]", like)
-    if mode == ops.LSTM:
+    if mode == rnn_ops.LSTM:
         _expect(op, "c0", c0, (n, b, hid), "[N, B, H]", like)
     sizes = [int(s) for s in batch_sizes]
     if sizes and (
@@ -675,18 +667,16 @@ def rnn_layer(mode, gx, w_hh, b_hh, w_hr, h0, c0, reverse, batch_sizes):
     """``modelbatch::rnn_layer`` with the Triton gate kernels:
     ``(out, h_n, c_n, ws)``, see ``modelbatch.ops.rnn``. Raises ValueError on
     bad input."""
-    from modelbatch.ops import rnn as ops
-
     op = _PREFIX + "rnn_layer"
     if not isinstance(gx, torch.Tensor) or gx.dim() != 4:
         raise ValueError(f"{op}: gx must be a 4-D [N, T, B, G*H] tensor, got {_shape(gx)}")
     n, t_len, b, width = gx.shape
     _, hid = _check_layer(op, mode, n, t_len, b, w_hh, b_hh, w_hr, h0, c0, batch_sizes, gx)
-    if width != ops.GATES[mode] * hid:
+    if width != rnn_ops.GATES[mode] * hid:
         raise ValueError(
-            f"{op}: gx has shape {tuple(gx.shape)}, expected G*H = {ops.GATES[mode] * hid} last"
+            f"{op}: gx has shape {tuple(gx.shape)}, expected G*H = {rnn_ops.GATES[mode] * hid} last"
         )
-    return ops.layer_loop(
+    return rnn_ops.layer_loop(
         mode, gx, w_hh, b_hh, w_hr, h0, c0, reverse, batch_sizes, gates=TritonGates
     )
 
@@ -697,8 +687,6 @@ def rnn_layer_backward(
     """``modelbatch::rnn_layer_backward`` with the Triton gate kernels:
     ``(d_gx, d_w_hh, d_b_hh, d_w_hr, d_h0, d_c0)``, see ``modelbatch.ops.rnn``.
     Raises ValueError on bad input."""
-    from modelbatch.ops import rnn as ops
-
     op = _PREFIX + "rnn_layer_backward"
     if not isinstance(out, torch.Tensor) or out.dim() != 4:
         raise ValueError(f"{op}: out must be a 4-D [N, T, B, P] tensor, got {_shape(out)}")
@@ -707,11 +695,11 @@ def rnn_layer_backward(
     _expect(op, "out", out, (n, t_len, b, p), "[N, T, B, P]", out)
     _expect(op, "grad_out", grad_out, (n, t_len, b, p), "[N, T, B, P]", out)
     _expect(op, "grad_hn", grad_hn, (n, b, p), "[N, B, P]", out)
-    if mode == ops.LSTM:
+    if mode == rnn_ops.LSTM:
         _expect(op, "grad_cn", grad_cn, (n, b, hid), "[N, B, H]", out)
-    k = ops.WS_WIDTH[mode]
+    k = rnn_ops.WS_WIDTH[mode]
     _expect(op, "ws", ws, (n, t_len, b, k * hid), f"[N, T, B, {k}H]", out)
-    return ops.layer_loop_backward(
+    return rnn_ops.layer_loop_backward(
         mode, grad_out, grad_hn, grad_cn, w_hh, b_hh, w_hr, h0, c0, out, ws, reverse, batch_sizes,
         gates=TritonGates,
     )  # fmt: skip

@@ -348,34 +348,46 @@ def test_dropout_plain_vmap_follows_randomness_flag():
 
 
 # ----------------------------------------------------------------- training
+def _train_both(models, data, lrs, momentum=0.0):
+    """SGD with per-model learning rates: a ModelBatch of ``models`` and copies of
+    them trained one by one with torch.optim, on the same ``(x, y)`` batches."""
+    ref = [copy.deepcopy(m) for m in models]
+    batch = mb.ModelBatch(models)
+    opt = mb.optim.SGD(batch, lr=lrs, momentum=momentum)
+    ropts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum) for m, lr in zip(ref, lrs)]
+    for x, y in data:
+        opt.zero_grad()
+        batch.compute_loss(batch(x), y, F.cross_entropy).backward()
+        opt.step()
+        for m, o in zip(ref, ropts):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+    return batch, ref
+
+
+def _worst_param_err(batch, ref) -> float:
+    return max(
+        max_rel_err(p[k], dict(m.named_parameters())[name])
+        for name, p in batch.stacked_params().items()
+        for k, m in enumerate(ref)
+    )
+
+
 def test_training_sequence_classifiers_match_sequential():
     """8 classifiers (embedding, 2-layer LSTM, linear head), 30 steps, per-model lr."""
     n, steps = 8, 30
     lrs = [0.02 * (k + 1) for k in range(n)]
     torch.manual_seed(12)
     models = [Classifier(vocab=13, d=8, h=16, classes=4) for _ in range(n)]
-    ref = [copy.deepcopy(m) for m in models]
-    batch = mb.ModelBatch(models)
-    opt = mb.optim.SGD(batch, lr=lrs, momentum=0.9)
-    ropts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9) for m, lr in zip(ref, lrs)]
     gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        tokens = torch.randint(0, 13, (6, 9), generator=gen)
-        y = torch.randint(0, 4, (6,), generator=gen)
-        opt.zero_grad()
-        batch.compute_loss(batch(tokens), y, F.cross_entropy).backward()
-        opt.step()
-        for m, o in zip(ref, ropts):
-            o.zero_grad()
-            F.cross_entropy(m(tokens), y).backward()
-            o.step()
+    data = [
+        (torch.randint(0, 13, (6, 9), generator=gen), torch.randint(0, 4, (6,), generator=gen))
+        for _ in range(steps)
+    ]
+    batch, ref = _train_both(models, data, lrs, momentum=0.9)
     assert batch.forward_path == "vmap"
-    worst = max(
-        max_rel_err(p[k], dict(ref[k].named_parameters())[name])
-        for name, p in batch.stacked_params().items()
-        for k in range(n)
-    )
-    assert worst < RTOL
+    assert _worst_param_err(batch, ref) < RTOL
     moved = max_rel_err(batch.stacked_params()["head.weight"][0], models[0].head.weight)
     assert moved > 1e-2  # training did change the weights
 
@@ -405,31 +417,20 @@ def test_safety_net_trains_like_sequential_and_warns_once():
     models = [RReLUNet() for _ in range(n)]
     for m in models:
         m.drop.p = 0.0  # no randomness: compare with plain torch exactly
-    ref = [copy.deepcopy(m) for m in models]
-    batch = mb.ModelBatch(models)
-    opt = mb.optim.SGD(batch, lr=lrs)
-    ropts = [torch.optim.SGD(m.parameters(), lr=lr) for m, lr in zip(ref, lrs)]
     gen = torch.Generator().manual_seed(1)
+    data = [
+        (torch.randn(8, 5, generator=gen), torch.randint(0, 3, (8,), generator=gen))
+        for _ in range(steps)
+    ]
     mb.core._WARNED_OPS.discard("aten::rrelu")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for _ in range(steps):
-            x = torch.randn(8, 5, generator=gen)
-            y = torch.randint(0, 3, (8,), generator=gen)
-            opt.zero_grad()
-            batch.compute_loss(batch(x), y, F.cross_entropy).backward()
-            opt.step()
-            for m, o in zip(ref, ropts):
-                o.zero_grad()
-                F.cross_entropy(m(x), y).backward()
-                o.step()
+        batch, ref = _train_both(models, data, lrs)
     fallback = [w for w in caught if issubclass(w.category, mb.PerModelFallbackWarning)]
     assert len(fallback) == 1
     assert "aten::rrelu" in str(fallback[0].message) and "report" in str(fallback[0].message)
     assert batch.forward_path == "per_model" and batch.fallback_op == "aten::rrelu"
-    for name, p in batch.stacked_params().items():
-        for k in range(n):
-            assert max_rel_err(p[k], dict(ref[k].named_parameters())[name]) < RTOL
+    assert _worst_param_err(batch, ref) < RTOL
     # A second ModelBatch hitting the same op does not warn again.
     with warnings.catch_warnings(record=True) as again:
         warnings.simplefilter("always")

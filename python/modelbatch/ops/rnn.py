@@ -123,16 +123,23 @@ def rnn_gates_backward(dh: Tensor, h: Tensor, relu: bool) -> Tensor:
     return dh * (h > 0).to(dh.dtype) if relu else dh * (1 - h * h)
 
 
-class ReferenceGates:
-    """The gate functions the time loop calls; :mod:`modelbatch.kernels.rnn` gives
-    Triton versions with the same signatures."""
+#: Method of a gate set -> the function it is in a module (here, kernels/rnn.py).
+GATE_FUNCTIONS = {
+    kind + suffix: f"{kind}_gates{suffix}"
+    for kind in ("lstm", "gru", "rnn")
+    for suffix in ("", "_backward")
+}
 
-    lstm = staticmethod(lstm_gates)
-    lstm_backward = staticmethod(lstm_gates_backward)
-    gru = staticmethod(gru_gates)
-    gru_backward = staticmethod(gru_gates_backward)
-    rnn = staticmethod(rnn_gates)
-    rnn_backward = staticmethod(rnn_gates_backward)
+
+def gate_set(name: str, namespace: dict) -> type:
+    """The gate functions the time loop calls, taken from ``namespace`` (the globals
+    of a module defining ``lstm_gates``, ``lstm_gates_backward``, ``gru_gates``, ...)."""
+    funcs = {k: staticmethod(namespace[v]) for k, v in GATE_FUNCTIONS.items()}
+    return type(name, (), {"__doc__": f"The gate functions of {namespace['__name__']}.", **funcs})
+
+
+#: The pure-torch gates; :mod:`modelbatch.kernels.rnn` gives ``TritonGates``.
+ReferenceGates = gate_set("ReferenceGates", globals())
 
 
 # ------------------------------------------------------------------ the loop

@@ -534,6 +534,28 @@ def test_safety_net_other_unbatchable(forward, op):
     assert batch.forward_path is None
 
 
+def test_safety_net_for_the_loss():
+    """A loss vmap cannot batch runs model by model too, per-model targets included."""
+
+    def loss_fn(out, y):
+        return F.cross_entropy(F.rrelu(out, 0.1, 0.3, training=False), y)
+
+    torch.manual_seed(19)
+    models = [nn.Linear(5, 3) for _ in range(N)]
+    batch = mb.ModelBatch(models)
+    x, y = torch.randn(4, 5), torch.randint(0, 3, (N, 4))
+    mb.core._WARNED_OPS.discard("aten::rrelu")
+    with pytest.warns(mb.PerModelFallbackWarning, match="runs its loss model by model"):
+        losses = batch.compute_loss(batch(x), y, loss_fn, reduction="none")
+    assert batch.forward_path == "vmap"
+    expected = torch.stack([loss_fn(m(x), y[k]) for k, m in enumerate(models)])
+    assert max_rel_err(losses, expected) < RTOL
+    grads = torch.autograd.grad(losses.sum(), [batch.weight])[0]
+    for k, m in enumerate(models):
+        ref = torch.autograd.grad(loss_fn(m(x), y[k]), [m.weight])[0]
+        assert max_rel_err(grads[k], ref) < RTOL
+
+
 def test_unbatchable_op_parsing():
     assert (
         unbatchable_op(RuntimeError("Batching rule not implemented for aten::lstm.input. We could"))

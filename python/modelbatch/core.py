@@ -63,6 +63,11 @@ def unbatchable_op(err: BaseException) -> str | None:
     return None
 
 
+def _model_slice(tree: Any, i: int) -> Any:
+    """Model i's part of stacked ``[N, ...]`` tensors (other leaves as they are)."""
+    return tree_map(lambda t: t[i] if isinstance(t, torch.Tensor) else t, tree)
+
+
 def _describe(t: torch.Tensor) -> str:
     return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
 
@@ -464,17 +469,22 @@ class ModelBatch(nn.Module):
     def _use_per_model(self, op: str, err: Exception) -> None:
         self._path = "per_model"
         self._fallback_op = op
-        if op not in _WARNED_OPS:
-            _WARNED_OPS.add(op)
-            warnings.warn(
-                f"ModelBatch: torch.vmap cannot batch {op}, so this ModelBatch now runs "
-                "its forward model by model (results are the same; it is about N times "
-                "slower). Please report it, naming the op and the model that calls it, "
-                "on the ModelBatch issue tracker (or register a torch.vmap batching rule "
-                f"for it, as modelbatch.batching does for LSTM). vmap said: {err}",
-                PerModelFallbackWarning,
-                stacklevel=3,
-            )
+        self._warn_fallback(op, err, "its forward")
+
+    @staticmethod
+    def _warn_fallback(op: str, err: Exception, what: str) -> None:
+        if op in _WARNED_OPS:
+            return
+        _WARNED_OPS.add(op)
+        warnings.warn(
+            f"ModelBatch: torch.vmap cannot batch {op}, so this ModelBatch runs {what} "
+            "model by model (results are the same; it is about N times slower). Please "
+            "report it, naming the op and the model that calls it, on the ModelBatch "
+            "issue tracker (or register a torch.vmap batching rule for it, as "
+            f"modelbatch.batching does for LSTM). vmap said: {err}",
+            PerModelFallbackWarning,
+            stacklevel=4,
+        )
 
     def _forward_per_model(self, params, buffers, args, kwargs):
         """The safety net: model i runs alone on ``params[i]`` / ``buffers[i]`` (views,
@@ -483,9 +493,7 @@ class ModelBatch(nn.Module):
         n = self.num_models
 
         def pick(tree, i):
-            if self.shared_input:
-                return tree
-            return tree_map(lambda t: t[i] if isinstance(t, torch.Tensor) else t, tree)
+            return tree if self.shared_input else _model_slice(tree, i)
 
         outs = []
         for i in range(n):
@@ -557,8 +565,23 @@ class ModelBatch(nn.Module):
         per_model = self._targets_per_model(first, targets, targets_per_model)
         t_dim = 0 if per_model else None
         loss_vmap = vmap(loss_fn, in_dims=(0, t_dim), randomness="different")
-        with self._interception():
-            losses = loss_vmap(outputs, targets)
+        try:
+            with self._interception():
+                losses = loss_vmap(outputs, targets)
+        except RuntimeError as err:
+            op = unbatchable_op(err)
+            if op is None or not self.fallback:
+                raise
+            # The safety net of forward, for a loss vmap cannot batch.
+            self._warn_fallback(op, err, "its loss")
+            losses = torch.stack(
+                [
+                    loss_fn(
+                        _model_slice(outputs, i), _model_slice(targets, i) if per_model else targets
+                    )
+                    for i in range(self.num_models)
+                ]
+            )
         if not isinstance(losses, torch.Tensor) or losses.shape != (self.num_models,):
             shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses)
             raise ValueError(

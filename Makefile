@@ -29,6 +29,7 @@ bench: setup
 	$(PY) benchmarks/bench_dropout.py
 	$(PY) benchmarks/bench_amp.py
 	$(PY) benchmarks/bench_rnn.py
+	$(PY) benchmarks/bench_optim.py
 
 bench-quick: setup
 	$(PY) benchmarks/bench.py --quick

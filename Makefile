@@ -30,6 +30,7 @@ bench: setup
 	$(PY) benchmarks/bench_amp.py
 	$(PY) benchmarks/bench_rnn.py
 	$(PY) benchmarks/bench_optim.py
+	$(PY) benchmarks/bench_linear.py
 
 bench-quick: setup
 	$(PY) benchmarks/bench.py --quick

@@ -7,6 +7,7 @@ after warm-up; on CUDA the harness synchronises around each repeat.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import os
@@ -172,3 +173,19 @@ def threads_from_env() -> None:
     n = os.environ.get("MB_BENCH_THREADS")
     if n:
         torch.set_num_threads(int(n))
+
+
+def standard_args(doc: str, repeats: int = 9) -> tuple[argparse.Namespace, dict[str, str]]:
+    """The command line shared by the benchmark scripts (``--device``, ``--quick``,
+    ``--threads``, ``--repeats``), applied (thread count, ``MB_BENCH_THREADS``), and
+    the run's context for the result rows."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true", help="one small case (a smoke test)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads_from_env()
+    return args, context(args.device)

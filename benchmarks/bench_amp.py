@@ -29,7 +29,6 @@ Writes ``benchmarks/results/<device>/amp.{csv,md}``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
 import sys
@@ -145,16 +144,7 @@ def train_methods(n, widths, device, dtype):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--quick", action="store_true", help="one small case (a smoke test)")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=9)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    H.threads_from_env()
-    ctx = H.context(args.device)
+    args, ctx = H.standard_args(__doc__)
     # bfloat16 on the CPU (its autocast default), float16 on CUDA.
     dtype = torch.float16 if args.device.startswith("cuda") else torch.bfloat16
     rows, train_rows = [], []

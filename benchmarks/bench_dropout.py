@@ -24,7 +24,6 @@ Writes ``benchmarks/results/<device>/dropout.{csv,md}``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -110,16 +109,7 @@ def training_steps(n: int, batch: int, device: str):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--quick", action="store_true", help="one small case (a smoke test)")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=9)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    H.threads_from_env()
-    ctx = H.context(args.device)
+    args, ctx = H.standard_args(__doc__)
     rows = []
     for label, shape, p, feature in QUICK if args.quick else CASES:
         for backward in (False, True):

@@ -25,7 +25,6 @@ Writes ``benchmarks/results/<device>/linear.{csv,md}``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -80,16 +79,7 @@ def methods(n, b, i, o, shared, device):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--quick", action="store_true", help="one tiny case (a smoke test)")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=9)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    H.threads_from_env()
-    ctx = H.context(args.device)
+    args, ctx = H.standard_args(__doc__)
     sgemm = H.measured_sgemm_gflops(args.device)
     print(f"measured sgemm {sgemm:.1f} GFLOP/s", flush=True)
     rows = []

@@ -18,7 +18,6 @@ Writes ``benchmarks/results/<device>/rnn.{csv,md}``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -76,16 +75,7 @@ def methods(kind, n, i, h, t, b, device):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--quick", action="store_true", help="one tiny case (a smoke test)")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=7)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    H.threads_from_env()
-    ctx = H.context(args.device)
+    args, ctx = H.standard_args(__doc__, repeats=7)
     rows = []
     for label, kind, n, i, h, t, b in QUICK if args.quick else CASES:
         fns, batch = methods(kind, n, i, h, t, b, args.device)

@@ -7,6 +7,7 @@ from modelbatch import (
     optim,
 )
 from modelbatch._backend import backend_info, c_extension_loaded
+from modelbatch.checkpoint import load_checkpoint, save_checkpoint
 from modelbatch.clip import clip_grad_norm_
 from modelbatch.core import ModelBatch, PerModelFallbackWarning, check_compatible
 from modelbatch.optimizer import (
@@ -31,5 +32,7 @@ __all__ = [
     "create_adam_configs",
     "create_lr_sweep_configs",
     "create_sgd_configs",
+    "load_checkpoint",
     "optim",
+    "save_checkpoint",
 ]

@@ -17,6 +17,7 @@ from modelbatch.optimizer import (
     create_lr_sweep_configs,
     create_sgd_configs,
 )
+from modelbatch.population import copy_model_
 
 __version__ = "0.1.0"
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "c_extension_loaded",
     "check_compatible",
     "clip_grad_norm_",
+    "copy_model_",
     "create_adam_configs",
     "create_lr_sweep_configs",
     "create_sgd_configs",

@@ -46,15 +46,7 @@ inline __attribute__((always_inline)) void adam_body(scalar_t* __restrict p,
   const opmath_t w = s.lerp_w;
   for (int64_t j = 0; j < n; ++j) {
     opmath_t pj = static_cast<opmath_t>(p[j]);
-    opmath_t gj;
-    if (UNSCALE) {
-      // Stored back rounded to scalar_t; the update reads the stored value.
-      const scalar_t gs = unscale_value<scalar_t, opmath_t>(g[j], s.inv_scale);
-      g[j] = gs;
-      gj = static_cast<opmath_t>(gs);
-    } else {
-      gj = static_cast<opmath_t>(g[j]);
-    }
+    opmath_t gj = read_grad<UNSCALE, scalar_t, opmath_t>(g[j], s.inv_scale);
     if (DECOUPLED) {
       pj = pj * s.decay_mul;
     } else {

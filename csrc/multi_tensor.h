@@ -159,6 +159,15 @@ inline __attribute__((always_inline)) scalar_t unscale_value(scalar_t g, opmath_
   return static_cast<scalar_t>(static_cast<opmath_t>(g) * inv_scale);
 }
 
+// The gradient an optimizer step reads: with UNSCALE, g * inv_scale stored back
+// rounded to scalar_t (as torch's fused optimizers write back the unscaled grads),
+// and the update reads the stored value.
+template <bool UNSCALE, typename scalar_t, typename opmath_t>
+inline __attribute__((always_inline)) opmath_t read_grad(scalar_t& g, opmath_t inv_scale) {
+  if constexpr (UNSCALE) g = unscale_value<scalar_t, opmath_t>(g, inv_scale);
+  return static_cast<opmath_t>(g);
+}
+
 template <typename scalar_t, typename opmath_t>
 inline void unscale_inplace(scalar_t* __restrict g, int64_t n, opmath_t inv_scale) {
   for (int64_t j = 0; j < n; ++j) g[j] = unscale_value<scalar_t, opmath_t>(g[j], inv_scale);

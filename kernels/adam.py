@@ -346,6 +346,25 @@ def _launch(kernel, lists: Sequence[Tensors | None], scalars: torch.Tensor, n: i
 
 
 @triton.jit
+def _block(table, numel_row: tl.constexpr, t0, T, N, BLOCK: tl.constexpr, INT64: tl.constexpr):
+    """The elements a program of a multi-tensor kernel covers: ``(t, offs, mask,
+    model)``, tensor ``t`` of this launch (grid axis 1), its ``BLOCK`` offsets
+    (axis 0), the in-bounds mask and each offset's model. The tensors' element
+    counts are row ``numel_row`` of the launch table (see ``_launch``)."""
+    t = t0 + tl.program_id(1)
+    numel = tl.load(table + numel_row * T + t)
+    if INT64:
+        start = tl.program_id(0).to(tl.int64) * BLOCK
+    else:
+        start = tl.program_id(0) * BLOCK
+        numel = numel.to(tl.int32)
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < numel
+    model = offs // (numel // N)
+    return t, offs, mask, model
+
+
+@triton.jit
 def _to_storage(x, DTYPE: tl.constexpr):
     """Round a float32 / float64 value to the storage dtype, to nearest even.
 
@@ -413,16 +432,7 @@ def _adam_kernel(
     UNSCALE: tl.constexpr,
     SKIP: tl.constexpr,
 ):
-    t = t0 + tl.program_id(1)
-    numel = tl.load(table + 5 * T + t)
-    if INT64:
-        start = tl.program_id(0).to(tl.int64) * BLOCK
-    else:
-        start = tl.program_id(0) * BLOCK
-        numel = numel.to(tl.int32)
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < numel
-    model = offs // (numel // N)
+    t, offs, mask, model = _block(table, 5, t0, T, N, BLOCK, INT64)
 
     p_ptr = tl.load(table + t).to(tl.pointer_type(DTYPE))
     g_ptr = tl.load(table + T + t).to(tl.pointer_type(DTYPE))

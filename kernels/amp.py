@@ -43,6 +43,7 @@ import triton.language as tl
 
 from .adam import (
     Tensors,
+    _block,
     _check_scaler_vector,
     _check_stacked,
     _interpreting,
@@ -68,16 +69,7 @@ def _amp_unscale_kernel(
     BLOCK: tl.constexpr,
     WRITE: tl.constexpr,
 ):
-    t = t0 + tl.program_id(1)
-    numel = tl.load(table + T + t)
-    if INT64:
-        start = tl.program_id(0).to(tl.int64) * BLOCK
-    else:
-        start = tl.program_id(0) * BLOCK
-        numel = numel.to(tl.int32)
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < numel
-    model = offs // (numel // N)
+    t, offs, mask, model = _block(table, 1, t0, T, N, BLOCK, INT64)
 
     g_ptr = tl.load(table + t).to(tl.pointer_type(DTYPE))
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE)  # exact: inf, NaN kept

@@ -56,6 +56,7 @@ from .adam import (
     Tensors,
     _advance_steps,
     _any_nonzero_on_cpu,
+    _block,
     _check_hparam,
     _check_like,
     _check_params,
@@ -87,16 +88,7 @@ def _sgd_kernel(
     UNSCALE: tl.constexpr,
     SKIP: tl.constexpr,
 ):
-    t = t0 + tl.program_id(1)
-    numel = tl.load(table + 3 * T + t)
-    if INT64:
-        start = tl.program_id(0).to(tl.int64) * BLOCK
-    else:
-        start = tl.program_id(0) * BLOCK
-        numel = numel.to(tl.int32)
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < numel
-    model = offs // (numel // N)
+    t, offs, mask, model = _block(table, 3, t0, T, N, BLOCK, INT64)
 
     p_ptr = tl.load(table + t).to(tl.pointer_type(DTYPE))
     g_ptr = tl.load(table + T + t).to(tl.pointer_type(DTYPE))

@@ -3,6 +3,7 @@
 from modelbatch import (
     amp,
     batching,  # noqa: F401  (registers the recurrent vmap rules)
+    callbacks,
     ops,  # noqa: F401  (loads _C and registers the kernels)
     optim,
 )
@@ -18,9 +19,12 @@ from modelbatch.optimizer import (
     create_sgd_configs,
 )
 from modelbatch.population import copy_model_
+from modelbatch.train import FitLoop, History, evaluate, fit
 
 __version__ = "0.1.0"
 __all__ = [
+    "FitLoop",
+    "History",
     "ModelBatch",
     "OptimizerFactory",
     "PerModelFallbackWarning",
@@ -28,12 +32,15 @@ __all__ = [
     "amp",
     "backend_info",
     "c_extension_loaded",
+    "callbacks",
     "check_compatible",
     "clip_grad_norm_",
     "copy_model_",
     "create_adam_configs",
     "create_lr_sweep_configs",
     "create_sgd_configs",
+    "evaluate",
+    "fit",
     "load_checkpoint",
     "optim",
     "save_checkpoint",

@@ -323,3 +323,53 @@ def test_bad_input_is_refused():
     for i in range(N):
         for k, v in state(batch, i).items():
             assert torch.equal(v, before[i][k]), (i, k)
+
+
+@pytest.mark.parametrize("kind", ["kfold", "bootstrap"])
+def test_fit_with_a_router_trains_each_model_on_its_own_rows(kind):
+    """k-fold cross-validation (and bagging) of N models in one fit: model i equals a
+    plain model trained on the rows of each batch in its training split, and its
+    val_loss is measured on its own held-out rows."""
+    from modelbatch.data import BootstrapRouter, KFoldRouter
+
+    x, y = data(80)
+    ids = torch.arange(80)
+    router = KFoldRouter(4, 80, seed=3) if kind == "kfold" else BootstrapRouter(80, N, seed=3)
+    train_dl = DataLoader(TensorDataset(x, y, ids), batch_size=16, shuffle=False)
+    models = make_models()
+    plain = copy.deepcopy(models)
+    batch = mb.ModelBatch(models, shared_input=False)
+    opt = mb.optim.SGD(batch, lr=LRS, momentum=0.9)
+    hist = mb.fit(batch, opt, train_dl, F.cross_entropy, epochs=2, val_loader=train_dl,
+                  router=router, progress=False)  # fmt: skip
+    for i, m in enumerate(plain):
+        if kind == "kfold":
+            train_rows, val_rows = router.train_indices(i), router.val_indices(i)
+            mult = torch.zeros(80, dtype=torch.long)
+            mult[train_rows] = 1
+        else:
+            mult = router.multiplicity[i].long()
+            val_rows = router.oob_indices(i)
+        o = torch.optim.SGD(m.parameters(), lr=LRS[i], momentum=0.9)
+        for _ in range(2):
+            for xb, yb, ib in train_dl:
+                rows = torch.repeat_interleave(torch.arange(len(ib)), mult[ib])
+                o.zero_grad()
+                if len(rows):
+                    F.cross_entropy(m(xb[rows]), yb[rows]).backward()
+                else:
+                    for p in m.parameters():
+                        p.grad = torch.zeros_like(p)
+                o.step()
+        for k, v in m.state_dict().items():
+            torch.testing.assert_close(state(batch, i)[k], v, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            vl = F.cross_entropy(m(x[val_rows]), y[val_rows]).item()
+        assert hist.last("val_loss")[i].item() == pytest.approx(vl, rel=1e-5)
+    shared = mb.ModelBatch(make_models())
+    with pytest.raises(ValueError, match="shared_input=False"):
+        mb.fit(shared, mb.optim.SGD(shared, lr=0.1), train_dl, F.cross_entropy, epochs=1,
+               router=router, progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="sample_ids"):
+        mb.fit(batch, opt, loader(x, y), F.cross_entropy, epochs=1, router=router,
+               progress=False)  # fmt: skip

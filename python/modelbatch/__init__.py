@@ -4,6 +4,7 @@ from modelbatch import (
     amp,
     batching,  # noqa: F401  (registers the recurrent vmap rules)
     callbacks,
+    data,
     ops,  # noqa: F401  (loads _C and registers the kernels)
     optim,
 )
@@ -11,6 +12,15 @@ from modelbatch._backend import backend_info, c_extension_loaded
 from modelbatch.checkpoint import load_checkpoint, save_checkpoint
 from modelbatch.clip import clip_grad_norm_
 from modelbatch.core import ModelBatch, PerModelFallbackWarning, check_compatible
+from modelbatch.data import (
+    BootstrapRouter,
+    DataRouter,
+    KFoldRouter,
+    RoutedBatch,
+    StratifiedRouter,
+    create_random_masks,
+    masked_loss,
+)
 from modelbatch.optimizer import (
     OptimizerFactory,
     PerModelOptimizer,
@@ -23,12 +33,17 @@ from modelbatch.train import FitLoop, History, evaluate, fit
 
 __version__ = "0.1.0"
 __all__ = [
+    "BootstrapRouter",
+    "DataRouter",
     "FitLoop",
     "History",
+    "KFoldRouter",
     "ModelBatch",
     "OptimizerFactory",
     "PerModelFallbackWarning",
     "PerModelOptimizer",
+    "RoutedBatch",
+    "StratifiedRouter",
     "amp",
     "backend_info",
     "c_extension_loaded",
@@ -38,10 +53,13 @@ __all__ = [
     "copy_model_",
     "create_adam_configs",
     "create_lr_sweep_configs",
+    "create_random_masks",
     "create_sgd_configs",
+    "data",
     "evaluate",
     "fit",
     "load_checkpoint",
+    "masked_loss",
     "optim",
     "save_checkpoint",
 ]

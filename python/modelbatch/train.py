@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from modelbatch.clip import clip_grad_norm_
@@ -175,13 +176,24 @@ class _Accumulator:
         }
 
 
-def _route(router: Any, inputs: Any, targets: Any, ids: Any, split: str):
+def _route(batch: ModelBatch, router: Any, inputs: Any, targets: Any, ids: Any, split: str):
     """(inputs, targets, mask [N, B_max] or None) for one loader item."""
+    from modelbatch.data import route_split
+
     if router is None:
         return inputs, targets, None
-    routed = router((inputs, targets) if ids is None else (inputs, targets, ids), split=split)
-    if not hasattr(routed, "mask"):  # passthrough: every model sees the whole batch
-        return routed[0], routed[1], None
+    if batch.shared_input:
+        raise ValueError(
+            "a router gives each model its own rows: build the ModelBatch with shared_input=False"
+        )
+    routed = route_split(router, (inputs, targets), ids, split, batch.num_models)
+    if routed is None:  # every model sees the whole batch
+        n = batch.num_models
+        return (
+            tree_map(lambda t: t.expand(n, *t.shape) if torch.is_tensor(t) else t, inputs),
+            (targets),
+            None,
+        )
     return routed.data[0], routed.data[1], routed.mask
 
 
@@ -240,7 +252,9 @@ def _batch_metrics(
 def _losses(batch, outputs, targets, loss_fn, mask) -> torch.Tensor:
     if mask is None:
         return batch.compute_loss(outputs, targets, loss_fn, reduction="none")
-    return batch.compute_loss(outputs, targets, loss_fn, reduction="none", mask=mask)
+    from modelbatch.data import masked_loss
+
+    return masked_loss(batch, outputs, targets, loss_fn, mask, reduction="none")
 
 
 # ------------------------------------------------------------------- the loop
@@ -479,7 +493,7 @@ def evaluate(
     try:
         for item in loader:
             inputs, targets, ids = _as_pair(item)
-            inputs, targets, mask = _route(router, inputs, targets, ids, "val")
+            inputs, targets, mask = _route(batch, router, inputs, targets, ids, "val")
             with _autocast(device, autocast):
                 outputs = batch(inputs)
                 losses = _losses(batch, outputs, targets, loss_fn, mask)
@@ -534,9 +548,12 @@ def fit(
         callbacks: a :class:`~modelbatch.callbacks.Callback`, a list of them or a
             :class:`~modelbatch.callbacks.CallbackPack`.
         scaler: a :class:`modelbatch.amp.GradScaler` (per-model loss scales).
-        router: a callable ``router(item, split="train"|"val")`` returning a
-            :class:`~modelbatch.data.RoutedBatch` (the routers of
-            :mod:`modelbatch.data`), so model i trains on its own rows only.
+        router: a :mod:`modelbatch.data` router (``KFoldRouter``, ``BootstrapRouter``,
+            ``StratifiedRouter``; the loader then yields ``(inputs, targets,
+            sample_ids)``) or a callable ``router(batch, sample_ids, split)`` returning
+            a :class:`~modelbatch.data.RoutedBatch`, so model i trains on its own rows
+            only (and validates on its own fold / out-of-bag rows; see
+            :func:`modelbatch.data.route_split`). Needs ``shared_input=False``.
         scheduler: a ``torch.optim.lr_scheduler`` over ``optimizer``, stepped every
             epoch (``scheduler_interval="epoch"``) or every batch (``"step"``).
         max_grad_norm: per-model gradient clipping (a scalar or N values).
@@ -585,7 +602,7 @@ def fit(
             last_shown = 0.0
             for item in train_loader:
                 inputs, targets, ids = _as_pair(item)
-                inputs, targets, mask = _route(router, inputs, targets, ids, "train")
+                inputs, targets, mask = _route(batch, router, inputs, targets, ids, "train")
                 snap = _Snapshot(batch)
                 optimizer.zero_grad(set_to_none=True)
                 with _autocast(device, autocast):

@@ -424,15 +424,15 @@ def _scaling(scaler) -> bool:
     return scaler is not None and bool(getattr(scaler, "_enabled", False))
 
 
-def _nonfinite(batch: ModelBatch, losses: torch.Tensor) -> torch.Tensor:
-    """Bool ``[N]``: model i's loss or any of its gradients is inf/NaN."""
+def _nonfinite_grads(batch: ModelBatch, found: torch.Tensor) -> torch.Tensor:
+    """Bool ``[N]``: model i has an inf/NaN gradient (or ``found[i]`` was set): one
+    fused pass over the stacked grads (``modelbatch::amp_unscale_``, check only)."""
     from modelbatch.ops import amp as amp_op
 
-    found = (~torch.isfinite(losses.detach())).float()
-    grads = [p.grad for p in batch.parameters() if p.grad is not None]
     buckets: dict[tuple, list[torch.Tensor]] = {}
-    for g in grads:
-        buckets.setdefault((g.device, g.dtype), []).append(g.contiguous())
+    for p in batch.parameters():
+        if p.grad is not None:
+            buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad.contiguous())
     for (device, _), gs in buckets.items():
         f = found.to(device)
         amp_op.amp_unscale_(gs, f, torch.ones_like(f), False)
@@ -614,17 +614,18 @@ def fit(
                 else:
                     losses.sum().backward()
                 if _scaling(scaler):
-                    # Overflowing scaled grads are the scaler's business (it skips and
-                    # backs off); a non-finite loss is the model's own.
                     scaler.unscale_(optimizer)
-                    bad = ~torch.isfinite(losses.detach())
+                norms = None if max_grad_norm is None else clip_grad_norm_(batch, max_grad_norm)
+                bad = ~torch.isfinite(losses.detach())
+                if _scaling(scaler):
+                    pass  # overflowing scaled grads are the scaler's business (skip, back off)
+                elif norms is not None:  # a non-finite gradient makes its model's norm so
+                    bad |= ~torch.isfinite(norms)
                 else:
-                    bad = _nonfinite(batch, losses)
+                    bad |= _nonfinite_grads(batch, bad.float())
                 pack.on_nonfinite(loop, bad)
                 frozen = loop._frozen.clone()
                 skip = bad | frozen
-                if max_grad_norm is not None:
-                    clip_grad_norm_(batch, max_grad_norm)
                 _optimizer_step(optimizer, scaler, skip)
                 _scaler_update(scaler, frozen)
                 snap.restore(skip)

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelbatch.core import ModelBatch
+from modelbatch.core import ModelBatch, model_indices
 from modelbatch.ops import amp as amp_op
 from modelbatch.optim._base import FusedOptimizer, per_model
 
@@ -436,6 +436,38 @@ class GradScaler:
         self._growth_interval = vals["growth_interval"].astype(np.int64)
         self._factors_cache = None
         self._per_optimizer.clear()
+
+    def select(self, indices: Sequence[int] | torch.Tensor, *, batch: ModelBatch) -> GradScaler:
+        """A new GradScaler over ``batch`` holding models ``indices``.
+
+        ``batch`` is the ModelBatch of the selected models, ``k = len(indices)`` of
+        them (``old_batch.select(indices)``; see :func:`modelbatch.population.select`).
+        Row j of the scales, growth trackers and factors (``[k]`` each) is row
+        ``indices[j]`` here, so model j's scale continues as model ``indices[j]``'s
+        would have. Call it between iterations (after :meth:`update`): the inf checks
+        of a step in progress are not carried over. This scaler is left unchanged.
+        """
+        rows = model_indices(indices, self.num_models, "GradScaler.select")
+        if not isinstance(batch, ModelBatch) or batch.num_models != len(rows):
+            got = (
+                f"one of {batch.num_models} models"
+                if isinstance(batch, ModelBatch)
+                else type(batch).__name__
+            )
+            raise ValueError(
+                f"GradScaler.select: batch must be the ModelBatch of the {len(rows)} selected "
+                f"models (batch.select(indices)), got {got}"
+            )
+        new = GradScaler(
+            batch,
+            init_scale=self._scale.cpu().double().numpy()[rows],
+            growth_factor=self._growth_factor[rows],
+            backoff_factor=self._backoff_factor[rows],
+            growth_interval=self._growth_interval[rows],
+            enabled=self._enabled,
+        )
+        new._growth_tracker.copy_(self._growth_tracker[rows])
+        return new
 
     def __repr__(self) -> str:
         if not self._enabled:

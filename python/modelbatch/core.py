@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
@@ -70,6 +71,62 @@ def _model_slice(tree: Any, i: int) -> Any:
 
 def _describe(t: torch.Tensor) -> str:
     return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+
+
+def model_indices(indices: Any, n: int, where: str) -> list[int]:
+    """Check a selection of models and return it as a list of ints.
+
+    ``indices``: a list, tuple or range of ints, or a 1-D integer tensor or array, of
+    distinct models in ``[0, n)``, in the order wanted. Raises ``ValueError`` naming
+    ``where`` for an empty selection, a duplicate, an index out of range or one that
+    is not an integer (floats and bools included).
+    """
+    if isinstance(indices, bool | int | np.integer) or (
+        isinstance(indices, torch.Tensor | np.ndarray) and indices.ndim == 0
+    ):
+        raise ValueError(
+            f"{where}: indices must be a list or 1-D tensor of model indices, got the single "
+            f"index {indices!r} (for one model pass [{int(indices)}])"
+        )
+    if isinstance(indices, torch.Tensor | np.ndarray):
+        if indices.ndim != 1:
+            raise ValueError(f"{where}: indices must be 1-D, got shape {tuple(indices.shape)}")
+        dtype = indices.dtype
+        is_int = (
+            not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+            if isinstance(indices, torch.Tensor)
+            else np.issubdtype(dtype, np.integer)
+        )
+        if not is_int:
+            raise ValueError(f"{where}: indices must be integers, got dtype {dtype}")
+        values = [int(v) for v in indices.tolist()]
+    elif isinstance(indices, Sequence | range):
+        values = []
+        for v in indices:
+            if isinstance(v, bool) or not isinstance(v, int | np.integer):
+                raise ValueError(f"{where}: indices must be integers, got {v!r}")
+            values.append(int(v))
+    else:
+        raise ValueError(
+            f"{where}: indices must be a list, tuple or 1-D tensor of ints, "
+            f"got {type(indices).__name__}"
+        )
+    if not values:
+        raise ValueError(f"{where}: no models selected (indices is empty)")
+    for v in values:
+        if not 0 <= v < n:
+            raise ValueError(
+                f"{where}: index {v} is out of range for {n} models (valid: 0..{n - 1})"
+            )
+    seen: set[int] = set()
+    for v in values:
+        if v in seen:
+            raise ValueError(
+                f"{where}: model {v} is selected more than once; indices must be distinct "
+                "(copy_model_ duplicates a model)"
+            )
+        seen.add(v)
+    return values
 
 
 def check_compatible(models: Sequence[nn.Module]) -> None:
@@ -224,6 +281,7 @@ class ModelBatch(nn.Module):
         elif rng == "torch":
             self._torch_streams = _rng.TorchStreams(seeds)
         self._vmapped = self._forward_impl
+        self._compile_kwargs: dict[str, Any] | None = None
         self._path: str | None = None
         self._fallback_op: str | None = None
         self._allocator_checked = False
@@ -526,10 +584,12 @@ class ModelBatch(nn.Module):
     def enable_compile(self, **kwargs: Any) -> ModelBatch:
         """Run the vectorised forward under ``torch.compile(**kwargs)``."""
         self._vmapped = torch.compile(self._forward_impl, **kwargs)
+        self._compile_kwargs = dict(kwargs)
         return self
 
     def disable_compile(self) -> ModelBatch:
         self._vmapped = self._forward_impl
+        self._compile_kwargs = None
         return self
 
     # ---------------------------------------------------------------------- loss
@@ -691,6 +751,66 @@ class ModelBatch(nn.Module):
         m.load_state_dict(self._model_state(i % self.num_models))
         m.train(self.training)
         return m
+
+    def select(self, indices: Sequence[int] | torch.Tensor) -> ModelBatch:
+        """A new ModelBatch of the models ``indices`` only, in that order.
+
+        ``indices``: distinct model indices in ``[0, N)`` (a list, tuple or 1-D integer
+        tensor) of length ``k``; model j of the result is model ``indices[j]`` of this
+        one. Its stacked parameters and buffers are ``[k, ...]`` copies of those rows
+        (same device, dtype and ``requires_grad``; no grads), and it keeps this batch's
+        ``shared_input``, ``intercept``, ``fallback``, ``rng``, forward path, training
+        mode and ``enable_compile`` setting, each selected model's seed and the state
+        of its random stream (so its dropout masks continue exactly where they were)
+        and its row of :attr:`latest_losses`. This batch is left unchanged.
+
+        For the optimizer (and a :class:`~modelbatch.amp.GradScaler`) call their
+        ``select(indices, batch=new_batch)``, or do all at once with
+        :func:`modelbatch.population.select`. Hooks registered on this module are not
+        carried over.
+        """
+        idx = model_indices(indices, self.num_models, "ModelBatch.select")
+        k = len(idx)
+        template = self._template[0]
+        seeds = None if self.seeds is None else self.seeds[idx]
+        # k references to the template: the constructor sizes every per-model
+        # structure for k models; the stacked tensors are then replaced by the rows
+        # wanted, so no model is deep-copied but the template (once).
+        new = type(self)(
+            [template] * k,
+            self.shared_input,
+            seeds=seeds,
+            rng=self.rng,
+            intercept=self.intercept,
+            fallback=self.fallback,
+        )
+        with torch.no_grad():
+            for name, src in self.stacked_params().items():
+                rows = src.detach().index_select(0, torch.tensor(idx, device=src.device))
+                new.register_parameter(
+                    _safe(name), nn.Parameter(rows, requires_grad=src.requires_grad)
+                )
+            for name, src in self.stacked_buffers().items():
+                safe = _safe(name)
+                rows = src.index_select(0, torch.tensor(idx, device=src.device))
+                persistent = safe not in new._non_persistent_buffers_set
+                new.register_buffer(safe, rows, persistent=persistent)
+            if self.rng == "philox":  # (the seeds came in through the constructor)
+                new.rng_offsets.copy_(self.rng_offsets[idx])
+        if self.rng == "torch":
+            states = self._torch_streams.states
+            new._torch_streams.states = {d: [v[i].clone() for i in idx] for d, v in states.items()}
+        # The ModelBatch only; the template (a deep copy of ours) keeps its
+        # submodules' own modes.
+        new.training = self.training
+        if self._compile_kwargs is not None:
+            new.enable_compile(**self._compile_kwargs)
+        # The same model code: an op vmap cannot batch here cannot be batched there.
+        new._path, new._fallback_op = self._path, self._fallback_op
+        new._allocator_checked = self._allocator_checked
+        if self.latest_losses is not None:
+            new.latest_losses = self.latest_losses[idx].clone()
+        return new
 
     def save_all(self, directory: str | os.PathLike) -> None:
         """Write ``model_{i}.pt`` (a plain state_dict) per model and ``modelbatch.json``.

@@ -9,6 +9,7 @@ with one parameter group per model (slower: it loops over models).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from collections.abc import Sequence
@@ -17,7 +18,8 @@ from typing import Any
 import torch
 
 from modelbatch import optim
-from modelbatch.core import ModelBatch
+from modelbatch.core import ModelBatch, model_indices
+from modelbatch.optim._base import check_selected_batch
 
 _FUSED: dict[type, type] = {
     torch.optim.SGD: optim.SGD,
@@ -53,7 +55,11 @@ class PerModelOptimizer(torch.optim.Optimizer):
             self._views.append(views)
         groups = [{"params": self._views[i], **cfg} for i, cfg in enumerate(configs)]
         self.inner = optimizer_cls(groups)
-        # Share the inner optimizer's structures so schedulers see its groups.
+        self._share()
+
+    def _share(self) -> None:
+        # Share the inner optimizer's structures so schedulers see its groups (again
+        # after a load_state_dict, which replaces its groups and state).
         self.defaults = self.inner.defaults
         self.param_groups = self.inner.param_groups
         self.state = self.inner.state
@@ -91,6 +97,44 @@ class PerModelOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.inner.load_state_dict(state_dict)
+        self._share()
+
+    def select(
+        self, indices: Sequence[int] | torch.Tensor, *, batch: ModelBatch
+    ) -> PerModelOptimizer:
+        """A new PerModelOptimizer (the same ``torch.optim`` class) over ``batch``
+        holding models ``indices``.
+
+        ``batch`` is the ModelBatch of the selected models, ``k = len(indices)`` of
+        them (``old_batch.select(indices)``; see :func:`modelbatch.population.select`).
+        Group j and the inner optimizer's state of group j's parameters (copies) are
+        group ``indices[j]``'s here, so model j continues exactly as model
+        ``indices[j]`` would have. This optimizer is left unchanged.
+        """
+        where = "PerModelOptimizer.select"
+        rows = model_indices(indices, len(self._views), where)
+        check_selected_batch(where, batch, len(rows), self._stacked)
+        # Through the inner optimizer's own state_dict machinery: torch's load then
+        # puts each state tensor where its parameter lives, as after a checkpoint.
+        saved = self.inner.state_dict()
+        n_params = len(self._stacked)
+        groups, state = [], {}
+        for j, i in enumerate(rows):
+            group = copy.deepcopy(saved["param_groups"][i])
+            ids = list(range(j * n_params, (j + 1) * n_params))
+            for old, new in zip(group["params"], ids):
+                if old in saved["state"]:
+                    # Cloned: torch's load keeps tensors that already fit as they are.
+                    state[new] = {
+                        key: v.clone() if torch.is_tensor(v) else copy.deepcopy(v)
+                        for key, v in saved["state"][old].items()
+                    }
+            group["params"] = ids
+            groups.append(group)
+        configs = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+        new_opt = PerModelOptimizer(batch, type(self.inner), configs)
+        new_opt.load_state_dict({"state": state, "param_groups": groups})
+        return new_opt
 
     def __repr__(self) -> str:
         return f"PerModelOptimizer({type(self.inner).__name__}, num_models={len(self._views)})"

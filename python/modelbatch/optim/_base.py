@@ -9,13 +9,14 @@ kernel reads, in O(1) per write and with no per-step Python loop over models.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from modelbatch.core import ModelBatch
+from modelbatch.core import ModelBatch, model_indices
 
 
 def per_model(name: str, value: Any, n: int) -> np.ndarray:
@@ -45,6 +46,33 @@ def per_model(name: str, value: Any, n: int) -> np.ndarray:
             f"{name}: expected a scalar or {n} values (one per model), got {arr.shape[0]}"
         )
     return arr
+
+
+def check_selected_batch(where: str, batch: Any, k: int, params: Sequence[torch.Tensor]) -> None:
+    """Check that ``batch`` can hold ``k`` selected models of an optimizer over the
+    stacked ``params`` (``[N, ...]`` each).
+
+    Expected: a ModelBatch of ``k`` models whose parameters that require grad have
+    the per-model shapes and dtypes of ``params``, in the same order.
+    """
+    if not isinstance(batch, ModelBatch):
+        raise ValueError(
+            f"{where}: batch must be the ModelBatch of the selected models "
+            f"(batch.select(indices)), got {type(batch).__name__}"
+        )
+    if batch.num_models != k:
+        raise ValueError(
+            f"{where}: batch has {batch.num_models} models, expected {k} (one per selected "
+            "index; pass batch.select(indices))"
+        )
+    mine = [p for p in batch.parameters() if p.requires_grad]
+    want = [(list(p.shape[1:]), p.dtype) for p in params]
+    got = [(list(p.shape[1:]), p.dtype) for p in mine]
+    if got != want:
+        raise ValueError(
+            f"{where}: batch's models have other parameters: per-model (shape, dtype) "
+            f"{got}, expected {want}"
+        )
 
 
 class ModelGroup(dict):
@@ -79,11 +107,19 @@ class FusedOptimizer(torch.optim.Optimizer):
     """Base of :class:`SGD`, :class:`Adam` and :class:`AdamW`.
 
     Subclasses set ``_hparams`` (group key -> per-model vector names, e.g.
-    ``"betas" -> ("beta1", "beta2")``) and implement ``_launch``.
+    ``"betas" -> ("beta1", "beta2")``) and implement ``_launch``; their constructor
+    takes the batch and then the ``_hparams`` keys as keywords (:meth:`select`
+    builds the new optimizer that way).
     """
 
     _hparams: ClassVar[dict[str, tuple[str, ...]]] = {}
     _flags: ClassVar[tuple[str, ...]] = ()  # keys stored as 0/1 but shown as bools
+    # State that the kernels allocate only while some model's hyper-parameter (the
+    # value) is nonzero; select leaves it out when no selected model's is.
+    _optional_state: ClassVar[dict[str, str]] = {
+        "max_exp_avg_sq": "amsgrad",
+        "momentum_buffer": "momentum",
+    }
 
     def __init__(self, batch: ModelBatch, hparams: dict[str, Any]) -> None:
         if not isinstance(batch, ModelBatch):
@@ -247,24 +283,82 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
+        return self._rows_state_dict(None)
+
+    def _rows_state_dict(self, rows: list[int] | None) -> dict[str, Any]:
+        """:meth:`state_dict` of the models ``rows`` only (in that order; None: all),
+        as if they had been an optimizer of their own: every ``[N, ...]`` tensor
+        (state, ``steps``) becomes ``[len(rows), ...]``, groups are the rows'."""
+        index: dict[torch.device, torch.Tensor] = {}
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            if rows is None:
+                return t.clone()
+            if t.device not in index:
+                index[t.device] = torch.tensor(rows, device=t.device)
+            return t.index_select(0, index[t.device])
+
         keys = sorted({key for st in self.state.values() for key in st})
         per_param = {
-            k: {key: self.state[p][key].clone() for key in keys if key in self.state[p]}
+            k: {key: take(self.state[p][key]) for key in keys if key in self.state[p]}
             for k, p in enumerate(self._params)
             if p in self.state
         }
+        groups = self.param_groups if rows is None else [self.param_groups[i] for i in rows]
+        n = self.num_models if rows is None else len(rows)
         return {
             "kind": type(self).__name__,
-            "num_models": self.num_models,
-            "param_shapes": [list(p.shape) for p in self._params],
-            "steps": self.steps.clone(),
+            "num_models": n,
+            "param_shapes": [[n, *p.shape[1:]] for p in self._params],
+            "steps": take(self.steps),
             "state": per_param,
-            "param_groups": [
-                {k: v for k, v in g.items() if k != "params"} for g in self.param_groups
-            ],
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in groups],
         }
 
+    def select(self, indices: Sequence[int] | torch.Tensor, *, batch: ModelBatch) -> FusedOptimizer:
+        """A new optimizer of this class over ``batch`` holding models ``indices``.
+
+        ``batch`` is the ModelBatch of the selected models, ``k = len(indices)`` of
+        them (``old_batch.select(indices)``; see :func:`modelbatch.population.select`).
+        Row j of every per-model hyper-parameter vector, of every state tensor
+        (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``momentum_buffer``: ``[k,
+        ...]``) and of the step counters ``steps`` ``[k]`` is row ``indices[j]`` here,
+        so model j continues exactly as model ``indices[j]`` would have (Adam's bias
+        correction included). Each group keeps its other keys too (a scheduler's
+        ``initial_lr``, ...). State that no selected model uses (``max_exp_avg_sq``
+        without amsgrad, ``momentum_buffer`` without momentum) is left out, as an
+        optimizer of those models alone never has it. This optimizer is left unchanged.
+        """
+        where = f"{type(self).__name__}.select"
+        rows = model_indices(indices, self.num_models, where)
+        check_selected_batch(where, batch, len(rows), self._params)
+        hparams: dict[str, Any] = {}
+        for key, names in self._hparams.items():
+            vals = tuple(self._vec[nm][rows] for nm in names)
+            hparams[key] = vals[0] if len(names) == 1 else vals
+        new = type(self)(batch, **hparams)
+        state = self._rows_state_dict(rows)
+        state["param_groups"] = copy.deepcopy(state["param_groups"])  # no shared values
+        # As an optimizer of the selected models alone would hold.
+        unused = {
+            key
+            for key, hp in self._optional_state.items()
+            if hp in self._vec and not self._vec[hp][rows].any()
+        }
+        for k, st in list(state["state"].items()):
+            for key in unused & st.keys():
+                del st[key]
+            if not st:
+                del state["state"][k]
+        new._load_state(state, owned=True)
+        return new
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._load_state(state_dict, owned=False)
+
+    def _load_state(self, state_dict: dict[str, Any], owned: bool) -> None:
+        """load_state_dict; ``owned``: the state tensors are fresh copies nobody else
+        holds (from :meth:`_rows_state_dict`), so they are kept instead of cloned."""
         where = f"{type(self).__name__}.load_state_dict"
         if not isinstance(state_dict, dict) or "kind" not in state_dict:
             raise ValueError(f"{where}: not a modelbatch fused optimizer state_dict")
@@ -307,9 +401,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.state.clear()
         for k, st in state_dict["state"].items():
             p = self._params[int(k)]
-            self.state[p] = {
-                key: t.to(device=p.device, dtype=p.dtype).clone() for key, t in st.items()
-            }
+            self.state[p] = {}
+            for key, t in st.items():
+                moved = t.to(device=p.device, dtype=p.dtype)
+                # (a tensor that .to() moved or cast is a fresh copy already)
+                self.state[p][key] = moved if owned or moved is not t else moved.clone()
 
     def __repr__(self) -> str:
         parts = []

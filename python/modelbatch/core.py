@@ -601,6 +601,7 @@ class ModelBatch(nn.Module):
         reduction: str = "sum",
         *,
         targets_per_model: bool | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-model losses of ``loss_fn(outputs[i], targets or targets[i])``.
 
@@ -612,7 +613,22 @@ class ModelBatch(nn.Module):
                 ``nn.CrossEntropyLoss()``).
             reduction: ``"sum"`` (default: the gradient of model i is that of its own
                 loss), ``"mean"`` (gradients scaled by 1/N) or ``"none"`` (``[N]``).
+            mask: bool ``[N, B_max]`` of a routed batch (:mod:`modelbatch.data`): model
+                i's loss is over its real rows only, exactly
+                (:func:`modelbatch.data.masked_loss`).
         """
+        if mask is not None:
+            from modelbatch.data import masked_loss
+
+            return masked_loss(
+                self,
+                outputs,
+                targets,
+                loss_fn,
+                mask,
+                reduction,
+                targets_per_model=targets_per_model,
+            )
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         out_leaves, _ = tree_flatten(outputs)

@@ -250,11 +250,7 @@ def _batch_metrics(
 
 
 def _losses(batch, outputs, targets, loss_fn, mask) -> torch.Tensor:
-    if mask is None:
-        return batch.compute_loss(outputs, targets, loss_fn, reduction="none")
-    from modelbatch.data import masked_loss
-
-    return masked_loss(batch, outputs, targets, loss_fn, mask, reduction="none")
+    return batch.compute_loss(outputs, targets, loss_fn, reduction="none", mask=mask)
 
 
 # ------------------------------------------------------------------- the loop

@@ -214,8 +214,11 @@ class ModelBatchMode(TorchFunctionMode):
         if route is not None:
             fast, general, autocast = route
             args, kwargs = autocast(args, kwargs)
-            out = fast(*args, **kwargs)
-            if out is not _NOT_HANDLED:
-                return out
+            # torch.compile traces the dispatcher path (the ops' vmap rules); the
+            # fast path's functorch internals are for eager mode only.
+            if not torch.compiler.is_compiling():
+                out = fast(*args, **kwargs)
+                if out is not _NOT_HANDLED:
+                    return out
             return general(*args, **kwargs)
         return func(*args, **kwargs)

@@ -279,6 +279,29 @@ class FusedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _launch(self, idx, params, grads, steps, device, inv_scale=None, found_inf=None) -> None:
+        extra = self._extra_state()
+        self._kernel(
+            params,
+            grads,
+            self._state_lists(idx, extra),
+            steps,
+            lambda name: self.hparam(name, device),
+            inv_scale,
+            found_inf,
+        )
+
+    def _extra_state(self) -> bool:
+        """Whether any model needs the optional state (amsgrad's max, SGD momentum)."""
+        raise NotImplementedError
+
+    def _state_lists(self, idx: list[int], extra: bool) -> list[list[torch.Tensor]]:
+        """The state tensors the kernel updates, one list per kind, for params ``idx``."""
+        raise NotImplementedError
+
+    def _kernel(self, params, grads, states, steps, hp, inv_scale, found_inf) -> None:
+        """One kernel launch: ``hp(name)`` gives the ``[N]`` vector of a hyper-parameter.
+        (:class:`modelbatch.TrainStep` calls this inside its compiled step with
+        persistent hyper-parameter tensors, so new values never recompile.)"""
         raise NotImplementedError
 
     # ------------------------------------------------------------------- state

@@ -63,22 +63,29 @@ class Adam(FusedOptimizer):
         if not v["weight_decay"][i] >= 0.0:
             raise ValueError(f"Invalid weight_decay value for model {i}: {v['weight_decay'][i]}")
 
-    def _launch(self, idx, params, grads, steps, device, inv_scale=None, found_inf=None) -> None:
-        h = lambda name: self.hparam(name, device)
-        ams = bool(self._vec["amsgrad"].any())
+    def _extra_state(self) -> bool:
+        return bool(self._vec["amsgrad"].any())
+
+    def _state_lists(self, idx, extra):
+        keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if extra else ())
+        lists = [[self._state_of(k, key) for k in idx] for key in keys]
+        return lists if extra else [*lists, []]
+
+    def _kernel(self, params, grads, states, steps, hp, inv_scale, found_inf) -> None:
+        exp_avg, exp_avg_sq, max_exp_avg_sq = states
         adam_op.adam_step(
             params,
             grads,
-            [self._state_of(k, "exp_avg") for k in idx],
-            [self._state_of(k, "exp_avg_sq") for k in idx],
-            [self._state_of(k, "max_exp_avg_sq") for k in idx] if ams else [],
+            exp_avg,
+            exp_avg_sq,
+            max_exp_avg_sq,
             steps,
-            h("lr"),
-            h("beta1"),
-            h("beta2"),
-            h("eps"),
-            h("weight_decay"),
-            h("amsgrad"),
+            hp("lr"),
+            hp("beta1"),
+            hp("beta2"),
+            hp("eps"),
+            hp("weight_decay"),
+            hp("amsgrad"),
             self._decoupled,
             inv_scale,
             found_inf,

@@ -62,19 +62,23 @@ class SGD(FusedOptimizer):
                 f"Nesterov momentum requires a momentum and zero dampening (model {i})"
             )
 
-    def _launch(self, idx, params, grads, steps, device, inv_scale=None, found_inf=None) -> None:
-        h = lambda name: self.hparam(name, device)
-        mom = bool(self._vec["momentum"].any())
+    def _extra_state(self) -> bool:
+        return bool(self._vec["momentum"].any())
+
+    def _state_lists(self, idx, extra):
+        return [[self._state_of(k, "momentum_buffer") for k in idx] if extra else []]
+
+    def _kernel(self, params, grads, states, steps, hp, inv_scale, found_inf) -> None:
         sgd_op.sgd_step(
             params,
             grads,
-            [self._state_of(k, "momentum_buffer") for k in idx] if mom else [],
+            states[0],
             steps,
-            h("lr"),
-            h("momentum"),
-            h("dampening"),
-            h("weight_decay"),
-            h("nesterov"),
+            hp("lr"),
+            hp("momentum"),
+            hp("dampening"),
+            hp("weight_decay"),
+            hp("nesterov"),
             inv_scale,
             found_inf,
         )

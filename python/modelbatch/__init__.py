@@ -30,6 +30,7 @@ from modelbatch.optimizer import (
 )
 from modelbatch.population import copy_model_
 from modelbatch.train import FitLoop, History, evaluate, fit
+from modelbatch.train_step import TrainStep
 
 __version__ = "0.1.0"
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "PerModelOptimizer",
     "RoutedBatch",
     "StratifiedRouter",
+    "TrainStep",
     "amp",
     "backend_info",
     "c_extension_loaded",

@@ -32,6 +32,12 @@ from modelbatch.ops import linear as linear_op
 from modelbatch.rng import CALLS, is_random
 
 _NOT_HANDLED = object()
+COMPILED_RANDOM_ERROR = (
+    "a model draws dropout (or another random op with a per-model stream) inside a "
+    "compiled step: per-model random streams are not traced by torch.compile yet. Use "
+    "modelbatch.TrainStep(..., compile=False) (the same masks, eager speed), or a "
+    "ModelBatch with rng=None (vmap's shared generator)"
+)
 
 
 def _unwrap(t, level):
@@ -206,8 +212,11 @@ class ModelBatchMode(TorchFunctionMode):
         if self.rng is not None:
             call = CALLS.get(func)
             if call is not None and is_random(call, call.bind(args, kwargs)):
+                if torch.compiler.is_compiling():
+                    raise NotImplementedError(COMPILED_RANDOM_ERROR)
                 return self.rng.call(func, call, args, kwargs)
-            if func in _NESTED_RANDOM:
+            if func in _NESTED_RANDOM and not torch.compiler.is_compiling():
+                # (While compiling, a random call inside meets vmap's randomness="error".)
                 with _RoutedGlobals(self.rng):
                     return func(*args, **kwargs)
         route = _ROUTES.get(func) if self.route_ops else None

@@ -1,0 +1,252 @@
+"""``TrainStep``: one whole training step of N models as one compiled graph.
+
+For small models the cost of an eager step is per-op overhead (Python, vmap
+wrapping, kernel launches), not arithmetic. ``TrainStep(batch, optimizer,
+loss_fn)`` builds the step as one function: forward of all N models (vmap over
+``functional_call`` with modelbatch's batched ops), per-model losses ``[N]``, one
+backward (``torch.autograd.grad``), per-model gradient clipping, the per-model
+loss scaler (unscale, non-finite check, scale update) and the fused optimizer
+kernel. With ``compile=True`` that function goes to ``torch.compile`` with
+``fullgraph=True``: one graph, no graph breaks, modelbatch's custom ops and
+Triton kernels visible to the compiler. On CUDA, ``cuda_graphs="auto"`` captures
+and replays it (``mode="reduce-overhead"``) when the shapes are static.
+
+Hyper-parameters live in persistent ``[N]`` tensors that the step reads: changing
+a learning rate (a scheduler, ``param_groups[i]["lr"] = ...``) or a max norm
+updates them in place before the next call and never recompiles. Calling the step
+returns the per-model losses ``[N]`` without a host synchronisation.
+
+Per-model isolation as in :func:`modelbatch.fit`: a model whose loss (or, with
+clipping, gradient norm) is not finite skips its update (the optimizer's
+``found_inf``); no other model's arithmetic depends on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.func import vmap
+from torch.utils._pytree import tree_flatten
+
+from modelbatch.core import ModelBatch
+from modelbatch.optim._base import FusedOptimizer, per_model
+
+__all__ = ["TrainStep"]
+
+
+def _enable_autograd_tracing() -> None:
+    # Dynamo traces torch.autograd.grad (the step's backward) only with this set;
+    # without it, the backward is a graph break.
+    torch._dynamo.config.trace_autograd_ops = True
+
+
+class TrainStep:
+    """``step(inputs, targets) -> losses [N]``: forward, loss, backward, clipping,
+    scaler and optimizer update of every model; see the module docstring.
+
+    Args:
+        batch: the ModelBatch.
+        optimizer: its fused ``modelbatch.optim.SGD`` / ``Adam`` / ``AdamW``.
+        loss_fn: the loss of ONE model (a scalar), e.g. ``F.cross_entropy``.
+        scaler: a :class:`modelbatch.amp.GradScaler` (per-model loss scales) or None.
+        max_grad_norm: per-model clipping (a scalar or N values; ``set_max_grad_norm``
+            changes it without recompiling) or None.
+        compile: run the step under ``torch.compile(fullgraph=True)``.
+        cuda_graphs: ``"auto"`` (CUDA graphs on CUDA when compiling), True or False.
+        autocast: a dtype to run forward and loss under ``torch.autocast``.
+        targets_per_model: as in :meth:`ModelBatch.compute_loss` (None: detect).
+        compile_kwargs: more ``torch.compile`` options (``dynamic``, ``mode``, ...).
+
+    Gradients are not left in ``.grad``: the step hands them straight to the
+    optimizer kernel. Use the eager path (``forward`` / ``compute_loss`` /
+    ``backward`` / ``optimizer.step()``) for anything that needs them.
+    """
+
+    def __init__(
+        self,
+        batch: ModelBatch,
+        optimizer: FusedOptimizer,
+        loss_fn: Callable[..., torch.Tensor],
+        *,
+        scaler=None,
+        max_grad_norm: Any = None,
+        compile: bool = True,
+        cuda_graphs: bool | str = "auto",
+        autocast: torch.dtype | None = None,
+        targets_per_model: bool | None = None,
+        compile_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(batch, ModelBatch):
+            raise ValueError(f"TrainStep takes a ModelBatch, got {type(batch).__name__}")
+        if not isinstance(optimizer, FusedOptimizer):
+            raise ValueError(
+                "TrainStep runs the fused per-model optimizers (modelbatch.optim.SGD, Adam, "
+                f"AdamW); got {type(optimizer).__name__}. Use the eager loop (modelbatch.fit) "
+                "for other torch.optim classes"
+            )
+        if optimizer.batch is not batch:
+            raise ValueError("TrainStep: the optimizer does not belong to this ModelBatch")
+        if scaler is not None and getattr(scaler, "batch", None) is not batch:
+            raise ValueError("TrainStep: the scaler does not belong to this ModelBatch")
+        if cuda_graphs not in ("auto", True, False):
+            raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
+        if batch.forward_path == "per_model":
+            raise ValueError(
+                f"TrainStep needs the vectorised forward; this ModelBatch runs model by model "
+                f"({batch.fallback_op} has no vmap batching rule)"
+            )
+        self.batch = batch
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.scaler = scaler
+        self.autocast = autocast
+        self.targets_per_model = targets_per_model
+        self.compiled = bool(compile)
+        self._params = list(optimizer._params)
+        self._device = self._params[0].device
+        n = batch.num_models
+        self._max_norm = None
+        if max_grad_norm is not None:
+            self._max_norm = torch.empty(n, dtype=torch.float32, device=self._device)
+            self.set_max_grad_norm(max_grad_norm)
+        self._hp: dict[str, torch.Tensor] = {}
+        self._hp_version = -1
+        self._extra = optimizer._extra_state()
+        self._buckets = self._make_buckets()
+        if cuda_graphs is True and not (compile and self._device.type == "cuda"):
+            raise ValueError("cuda_graphs=True needs compile=True and a CUDA ModelBatch")
+        use_graphs = bool(compile) and self._device.type == "cuda" and cuda_graphs is not False
+        kwargs = {"fullgraph": True, **(compile_kwargs or {})}
+        if use_graphs:
+            kwargs.setdefault("mode", "reduce-overhead")
+        self.compile_kwargs = kwargs if compile else None
+        if compile:
+            _enable_autograd_tracing()
+            self._fn = torch.compile(self._step, **kwargs)
+        else:
+            self._fn = self._step
+        self._prepared = False
+
+    # ------------------------------------------------------------ parameters
+    def set_max_grad_norm(self, value: Any) -> None:
+        """New per-model max norms (a scalar or N values); no recompilation."""
+        if self._max_norm is None:
+            raise ValueError("this TrainStep was built without max_grad_norm")
+        values = per_model("max_grad_norm", value, self.batch.num_models)
+        self._max_norm.copy_(torch.from_numpy(values).to(self._max_norm))
+
+    def _make_buckets(self) -> list[tuple[list[int], list[list[torch.Tensor]]]]:
+        """(param indices, state lists) per (device, dtype), as the optimizer groups
+        them; the state tensors are created now, outside the compiled step."""
+        groups: dict[tuple, list[int]] = {}
+        for k, p in enumerate(self._params):
+            groups.setdefault((p.device, p.dtype), []).append(k)
+        return [(idx, self.optimizer._state_lists(idx, self._extra)) for idx in groups.values()]
+
+    def _refresh_hparams(self) -> None:
+        opt = self.optimizer
+        if opt._version == self._hp_version and self._extra == opt._extra_state():
+            return
+        if opt._extra_state() != self._extra:
+            # amsgrad / momentum switched on for some model: the kernel needs the
+            # optional state (a structural change: the step is traced anew).
+            self._extra = opt._extra_state()
+            self._buckets = self._make_buckets()
+        for name, values in opt._vec.items():
+            fresh = torch.from_numpy(values.copy()).to(self._device)
+            if name in self._hp:
+                self._hp[name].copy_(fresh)  # in place: the compiled step reads these
+            else:
+                self._hp[name] = fresh
+        self._hp_version = opt._version
+
+    # ------------------------------------------------------------------ step
+    def __call__(self, inputs: Any, targets: Any) -> torch.Tensor:
+        """One step of every model on ``inputs`` (``[B, ...]`` shared or ``[N, B, ...]``)
+        and ``targets``; returns the per-model losses ``[N]`` (detached, on the
+        device; also ``batch.latest_losses``)."""
+        if not self._prepared:
+            self._prepare(inputs)
+        self._refresh_hparams()
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        losses = self._fn(args, targets, self._hp, self._buckets, self._max_norm)
+        self.batch.latest_losses = losses
+        return losses
+
+    def _prepare(self, inputs: Any) -> None:
+        """Eager checks and one-time setup the compiled step must not trace."""
+        from modelbatch.allocator import tune_cpu_allocator
+
+        leaves, _ = tree_flatten(inputs)
+        self.batch._check_inputs(leaves)
+        if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in leaves):
+            tune_cpu_allocator()
+            self.batch._allocator_checked = True
+        self.batch.train()
+        self._prepared = True
+
+    def _autocast(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self._device.type, dtype=self.autocast)
+
+    def _step(self, args, targets, hp, buckets, max_norm):
+        batch, opt, scaler = self.batch, self.optimizer, self.scaler
+        n = batch.num_models
+        params = batch.stacked_params()
+        buffers = batch.stacked_buffers()
+        with self._autocast():
+            with batch._interception(rng=True):
+                out = batch._forward_impl(params, buffers, args, {})
+            leaves, _ = tree_flatten(out)
+            first = next(t for t in leaves if isinstance(t, torch.Tensor))
+            per_model_t = batch._targets_per_model(first, targets, self.targets_per_model)
+            with batch._interception():
+                losses = vmap(
+                    self.loss_fn, in_dims=(0, 0 if per_model_t else None), randomness="different"
+                )(out, targets)
+        scaling = scaler is not None and scaler._enabled
+        total = (losses * scaler._scale).sum() if scaling else losses.sum()
+        grads = torch.autograd.grad(total, self._params)
+        with torch.no_grad():
+            found = (~torch.isfinite(losses.detach())).float()
+            inv_scale = None
+            if scaling:
+                from modelbatch.ops import amp as amp_op
+
+                inv_scale = scaler._inv_scale()
+                for idx, _ in buckets:
+                    amp_op.amp_unscale_([grads[k] for k in idx], found, inv_scale, True)
+            if max_norm is not None:
+                norms = torch.stack(
+                    [torch.linalg.vector_norm(g.reshape(n, -1), 2.0, dim=1) for g in grads], dim=1
+                )
+                total_norm = torch.linalg.vector_norm(norms, 2.0, dim=1)
+                coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+                grads = [g * coef.to(g.dtype).view((n,) + (1,) * (g.dim() - 1)) for g in grads]
+                found = torch.maximum(found, (~torch.isfinite(total_norm)).float())
+            before = opt.steps.clone() if len(buckets) > 1 else None
+            for b, (idx, states) in enumerate(buckets):
+                steps = opt.steps if b == 0 else before.clone()
+                opt._kernel(
+                    [self._params[k] for k in idx],
+                    [grads[k].contiguous() for k in idx],
+                    states,
+                    steps,
+                    hp.__getitem__,
+                    None,
+                    found,
+                )
+            if scaling:
+                scaler._update_scale(found != 0)
+        return losses.detach()
+
+    def __repr__(self) -> str:
+        return (
+            f"TrainStep(num_models={self.batch.num_models}, optimizer="
+            f"{type(self.optimizer).__name__}, compiled={self.compiled}, "
+            f"compile_kwargs={self.compile_kwargs})"
+        )

@@ -188,6 +188,20 @@ class TrainStep:
         self.batch.train()
         self._prepared = True
 
+    def _mode(self, rng: bool = False):
+        """The interception of the step. Compiled, linear and cross-entropy stay plain
+        aten ops under vmap (inductor fuses their bias, activation and loss
+        arithmetic around its GEMMs: 1.0-1.35x faster than routing them to
+        modelbatch's ops, benchmarks/results/cpu/bench.md), except under autocast,
+        where the routed ops give each model autocast's own per-model dtypes."""
+        batch = self.batch
+        if not self.compiled or self.autocast is not None:
+            return batch._interception(rng=rng)
+        from modelbatch.interception import ModelBatchMode
+
+        streams = batch._streams() if rng and batch.rng is not None else None
+        return ModelBatchMode(route_ops=False, rng=streams)
+
     def _autocast(self):
         if self.autocast is None:
             return contextlib.nullcontext()
@@ -199,18 +213,20 @@ class TrainStep:
         params = batch.stacked_params()
         buffers = batch.stacked_buffers()
         with self._autocast():
-            with batch._interception(rng=True):
+            with self._mode(rng=True):
                 out = batch._forward_impl(params, buffers, args, {})
             leaves, _ = tree_flatten(out)
             first = next(t for t in leaves if isinstance(t, torch.Tensor))
             per_model_t = batch._targets_per_model(first, targets, self.targets_per_model)
-            with batch._interception():
+            with self._mode():
                 losses = vmap(
                     self.loss_fn, in_dims=(0, 0 if per_model_t else None), randomness="different"
                 )(out, targets)
         scaling = scaler is not None and scaler._enabled
         total = (losses * scaler._scale).sum() if scaling else losses.sum()
-        grads = torch.autograd.grad(total, self._params)
+        # The kernels take contiguous [N, ...] grads (the compiler fuses the copy of
+        # any transposed one into the op that produces it).
+        grads = [g.contiguous() for g in torch.autograd.grad(total, self._params)]
         with torch.no_grad():
             found = (~torch.isfinite(losses.detach())).float()
             inv_scale = None
@@ -233,7 +249,7 @@ class TrainStep:
                 steps = opt.steps if b == 0 else before.clone()
                 opt._kernel(
                     [self._params[k] for k in idx],
-                    [grads[k].contiguous() for k in idx],
+                    [grads[k] for k in idx],
                     states,
                     steps,
                     hp.__getitem__,

@@ -5,6 +5,7 @@ one graph and no graph breaks; new hyper-parameters never recompile."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import modelbatch as mb
 import pytest
@@ -95,7 +96,8 @@ def test_new_hyperparameters_do_not_recompile():
     data = make_data("mlp", 6)
     step(*data[0])
     eager_step(ref, ref_opt, *data[0], clip=1.0)
-    with torch._dynamo.config.patch(error_on_recompile=True):
+    with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. the scheduler's "step() before optimizer.step()"
         for i, (x, y) in enumerate(data[1:]):
             sched.step()
             ref_sched.step()

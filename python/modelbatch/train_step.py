@@ -173,6 +173,8 @@ class TrainStep:
         self._refresh_hparams()
         args = inputs if isinstance(inputs, tuple) else (inputs,)
         losses = self._fn(args, targets, self._hp, self._buckets, self._max_norm)
+        # What optimizer.step() would have flagged: lr schedulers check it.
+        self.optimizer._opt_called = True
         self.batch.latest_losses = losses
         return losses
 

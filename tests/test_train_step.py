@@ -170,20 +170,39 @@ def test_bad_arguments_are_refused():
         step(torch.tensor(1.0), torch.tensor(0))
 
 
-def test_dropout_inside_a_compiled_step_says_what_to_do():
+@pytest.mark.parametrize("compile", [True, False])
+def test_compiled_step_draws_each_models_dropout_as_the_eager_step(compile):
+    """Per-model Philox dropout (Dropout and Dropout1d) inside the compiled graph:
+    the same masks, losses and stream offsets as the eager forward."""
+    torch.manual_seed(0)
+    models = [  # inputs [B, 2, 4]: Dropout1d drops whole channels of [B, C=2, L=8]
+        nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.ReLU(), nn.Dropout1d(0.3),
+                      nn.Flatten(), nn.Linear(16, 2))
+        for _ in range(3)
+    ]  # fmt: skip
+    ref = mb.ModelBatch(copy.deepcopy(models), seeds=0)
+    ref_opt = mb.optim.SGD(ref, lr=0.1, momentum=0.9)
+    batch = mb.ModelBatch(copy.deepcopy(models), seeds=0)
+    step = TrainStep(batch, mb.optim.SGD(batch, lr=0.1, momentum=0.9), F.cross_entropy,
+                     compile=compile)  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x, y = torch.randn(5, 2, 4, generator=g), torch.randint(0, 2, (5,), generator=g)
+        want = eager_step(ref, ref_opt, x, y)
+        got = step(x, y)
+        if compile:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(got, want)
+        assert torch.equal(batch.rng_offsets, ref.rng_offsets)
+    assert ref.rng_offsets.min() > 0
+    assert_states_close(batch, ref)
+
+
+def test_torch_streams_inside_a_compiled_step_say_what_to_do():
     torch.manual_seed(0)
     models = [nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2)) for _ in range(2)]
-    batch = mb.ModelBatch(models, seeds=0)
+    batch = mb.ModelBatch(models, seeds=0, rng="torch")
     step = TrainStep(batch, mb.optim.SGD(batch, lr=0.1), F.cross_entropy)
-    with pytest.raises(Exception, match="compile=False"):
+    with pytest.raises(Exception, match="rng='philox'"):
         step(torch.randn(5, 4), torch.randint(0, 2, (5,)))
-    # the uncompiled step draws each model's own masks, as the eager step does
-    ref = mb.ModelBatch(models, seeds=0)
-    ref_opt = mb.optim.SGD(ref, lr=0.1)
-    other = mb.ModelBatch(models, seeds=0)
-    ustep = TrainStep(other, mb.optim.SGD(other, lr=0.1), F.cross_entropy, compile=False)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(3):
-        x, y = torch.randn(5, 4, generator=g), torch.randint(0, 2, (5,), generator=g)
-        assert torch.equal(ustep(x, y), eager_step(ref, ref_opt, x, y))
-    assert torch.equal(other.rng_offsets, ref.rng_offsets) and ref.rng_offsets.sum() > 0

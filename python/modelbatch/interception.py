@@ -34,9 +34,9 @@ from modelbatch.rng import CALLS, is_random
 _NOT_HANDLED = object()
 COMPILED_RANDOM_ERROR = (
     "a model draws dropout (or another random op with a per-model stream) inside a "
-    "compiled step: per-model random streams are not traced by torch.compile yet. Use "
-    "modelbatch.TrainStep(..., compile=False) (the same masks, eager speed), or a "
-    "ModelBatch with rng=None (vmap's shared generator)"
+    "compiled step from streams torch.compile cannot trace (rng='torch' replays "
+    "torch's generators model by model). Use rng='philox' (traced by "
+    "modelbatch.TrainStep), or modelbatch.TrainStep(..., compile=False)"
 )
 
 
@@ -212,7 +212,7 @@ class ModelBatchMode(TorchFunctionMode):
         if self.rng is not None:
             call = CALLS.get(func)
             if call is not None and is_random(call, call.bind(args, kwargs)):
-                if torch.compiler.is_compiling():
+                if torch.compiler.is_compiling() and not getattr(self.rng, "traceable", False):
                     raise NotImplementedError(COMPILED_RANDOM_ERROR)
                 return self.rng.call(func, call, args, kwargs)
             if func in _NESTED_RANDOM and not torch.compiler.is_compiling():

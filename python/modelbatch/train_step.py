@@ -16,6 +16,11 @@ a learning rate (a scheduler, ``param_groups[i]["lr"] = ...``) or a max norm
 updates them in place before the next call and never recompiles. Calling the step
 returns the per-model losses ``[N]`` without a host synchronisation.
 
+Per-model dropout (``rng="philox"``) is traced as well: each model's seed and
+offset enter the vmap as per-model inputs, so the compiled step draws exactly the
+eager forward's masks. ``rng="torch"`` streams and dropout nested inside
+``nn.MultiheadAttention`` / recurrent layers are not traceable; use ``compile=False``.
+
 Per-model isolation as in :func:`modelbatch.fit`: a model whose loss (or, with
 clipping, gradient norm) is not finite skips its update (the optimizer's
 ``found_inf``); no other model's arithmetic depends on it.
@@ -29,12 +34,32 @@ from typing import Any
 
 import torch
 from torch.func import vmap
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from modelbatch.core import ModelBatch
+from modelbatch.interception import ModelBatchMode
+from modelbatch.ops import dropout as dropout_op
 from modelbatch.optim._base import FusedOptimizer, per_model
+from modelbatch.rng import PhiloxStreams
 
 __all__ = ["TrainStep"]
+
+
+class _TracedPhilox(PhiloxStreams):
+    """One model's Philox stream inside the vmap of a compiled step: ``seeds`` and
+    ``offsets`` are that model's (batched) 0-d values; ``consumed`` counts the blocks
+    drawn so far, a Python int, the same for every model."""
+
+    traceable = True
+
+    def __init__(self, seed: torch.Tensor, offset: torch.Tensor) -> None:
+        super().__init__(seed, offset)
+        self.consumed = 0
+
+    def dropout(self, x: torch.Tensor, p: float, repeat: int, kind: int) -> torch.Tensor:
+        start = self.offsets + self.consumed
+        self.consumed += dropout_op.blocks(x.numel() // repeat)
+        return dropout_op.dropout(x, self.seeds, start, p, repeat, kind, False)
 
 
 def _enable_autograd_tracing() -> None:
@@ -199,10 +224,32 @@ class TrainStep:
         batch = self.batch
         if not self.compiled or self.autocast is not None:
             return batch._interception(rng=rng)
-        from modelbatch.interception import ModelBatchMode
-
         streams = batch._streams() if rng and batch.rng is not None else None
         return ModelBatchMode(route_ops=False, rng=streams)
+
+    def _forward_traced_streams(self, params, buffers, args):
+        """The vectorised forward with each model's Philox stream as a traceable input:
+        seeds and offsets enter the vmap as per-model values, every dropout call draws
+        through ``modelbatch::dropout`` (whose vmap rule is the batched kernel) at the
+        model's offset plus what the forward consumed so far, and the offsets advance
+        once afterwards. The masks are exactly those of the eager forward."""
+        batch = self.batch
+        route = self.autocast is not None
+        holder = []
+
+        def one(p, b, seed, offset, a):
+            streams = _TracedPhilox(seed, offset)
+            holder.append(streams)
+            with ModelBatchMode(route_ops=route, rng=streams):
+                return batch._call_one(p, b, a, {})
+
+        dim = None if batch.shared_input else 0
+        arg_dims = tree_map(lambda t: dim if isinstance(t, torch.Tensor) else None, tuple(args))
+        out = vmap(one, in_dims=(0, 0, 0, 0, arg_dims), randomness="error")(
+            params, buffers, batch.rng_seeds, batch.rng_offsets, tuple(args)
+        )
+        batch.rng_offsets.add_(holder[-1].consumed)
+        return out
 
     def _autocast(self):
         if self.autocast is None:
@@ -215,8 +262,11 @@ class TrainStep:
         params = batch.stacked_params()
         buffers = batch.stacked_buffers()
         with self._autocast():
-            with self._mode(rng=True):
-                out = batch._forward_impl(params, buffers, args, {})
+            if self.compiled and batch.rng == "philox" and batch.training:
+                out = self._forward_traced_streams(params, buffers, args)
+            else:
+                with self._mode(rng=True):
+                    out = batch._forward_impl(params, buffers, args, {})
             leaves, _ = tree_flatten(out)
             first = next(t for t in leaves if isinstance(t, torch.Tensor))
             per_model_t = batch._targets_per_model(first, targets, self.targets_per_model)

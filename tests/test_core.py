@@ -290,3 +290,19 @@ def test_tied_weights_share_one_stacked_parameter():
     assert torch.allclose(batch(t)[1], models[1](t), atol=1e-6)
     assert set(batch.get_model_states()[0]) == {"emb.weight", "out.weight"}
     assert torch.equal(batch.model(0).out.weight, batch.model(0).emb.weight)
+
+
+def test_forward_follows_a_training_flag_set_directly():
+    """Trainers that restore modes by setting ``.training`` (Lightning) skip
+    ``train()``; the forward still runs the models in the batch's mode."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5)) for _ in range(2)]
+    batch = mb.ModelBatch(models, seeds=0)
+    batch.eval()
+    batch.training = True  # as Lightning does, module by module
+    x = torch.ones(3, 4)
+    out = batch(x)
+    assert (out == 0).any()  # dropout drew
+    assert batch.template.training
+    batch.training = False
+    assert torch.equal(batch(x), batch(x))  # eval: deterministic

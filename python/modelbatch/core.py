@@ -433,6 +433,12 @@ class ModelBatch(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         leaves, _ = tree_flatten((args, kwargs))
         self._check_inputs(leaves)
+        template = self._template[0]
+        if template.training != self.training:
+            # Some trainers (Lightning) restore modes by setting each submodule's
+            # ``training`` flag, which skips train(); the template is no submodule,
+            # and its mode decides dropout and batch statistics.
+            template.train(self.training)
         if not self._allocator_checked:
             self._allocator_checked = True
             if any(t.device.type == "cpu" for t in leaves if isinstance(t, torch.Tensor)):

@@ -80,3 +80,26 @@ def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     scale = b.abs().max().item()
     diff = (a.double() - b.double()).abs().max().item()
     return diff / scale if scale > 0 else diff
+
+
+def digits_batches(batch_size: int = 256) -> dict[str, list]:
+    """scikit-learn's digits: a stratified 75/25 split standardised with the train
+    statistics; the train split as fixed mini-batches, val as one batch."""
+    import pytest
+
+    datasets = pytest.importorskip("sklearn.datasets")
+    model_selection = pytest.importorskip("sklearn.model_selection")
+    x, y = datasets.load_digits(return_X_y=True)
+    x_tr, x_va, y_tr, y_va = model_selection.train_test_split(
+        x, y, test_size=0.25, stratify=y, random_state=0
+    )
+    mean, std = x_tr.mean(axis=0), x_tr.std(axis=0)
+    std[std == 0] = 1.0
+    x_tr = torch.tensor((x_tr - mean) / std, dtype=torch.float32)
+    x_va = torch.tensor((x_va - mean) / std, dtype=torch.float32)
+    y_tr, y_va = torch.tensor(y_tr), torch.tensor(y_va)
+    train = [
+        (x_tr[i : i + batch_size], y_tr[i : i + batch_size])
+        for i in range(0, len(y_tr), batch_size)
+    ]
+    return {"train": train, "val": [(x_va, y_va)]}

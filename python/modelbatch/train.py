@@ -189,24 +189,19 @@ def _route(batch: ModelBatch, router: Any, inputs: Any, targets: Any, ids: Any, 
     routed = route_split(router, (inputs, targets), ids, split, batch.num_models)
     if routed is None:  # every model sees the whole batch
         n = batch.num_models
-        return (
-            tree_map(lambda t: t.expand(n, *t.shape) if torch.is_tensor(t) else t, inputs),
-            (targets),
-            None,
-        )
+        expand = lambda t: t.expand(n, *t.shape) if torch.is_tensor(t) else t
+        return tree_map(expand, inputs), targets, None
     return routed.data[0], routed.data[1], routed.mask
 
 
-class _StepCounts:
-    """Rows per model of one batch: ``[N]`` (the batch size, or the routed counts)."""
-
-    @staticmethod
-    def of(targets: Any, mask: torch.Tensor | None, n: int, device) -> torch.Tensor:
-        if mask is not None:
-            return mask.sum(dim=1).to(device, torch.float64)
-        leaves = [t for t in torch.utils._pytree.tree_leaves(targets) if torch.is_tensor(t)]
-        rows = leaves[0].shape[0] if leaves else 1
-        return torch.full((n,), float(rows), dtype=torch.float64, device=device)
+def _rows(targets: Any, mask: torch.Tensor | None, n: int, device) -> torch.Tensor:
+    """Rows per model of one batch, float64 ``[N]``: the batch size, or the routed
+    counts."""
+    if mask is not None:
+        return mask.sum(dim=1).to(device, torch.float64)
+    leaves = [t for t in torch.utils._pytree.tree_leaves(targets) if torch.is_tensor(t)]
+    rows = leaves[0].shape[0] if leaves else 1
+    return torch.full((n,), float(rows), dtype=torch.float64, device=device)
 
 
 def _batch_metrics(
@@ -493,7 +488,7 @@ def evaluate(
             with _autocast(device, autocast):
                 outputs = batch(inputs)
                 losses = _losses(batch, outputs, targets, loss_fn, mask)
-            counts = _StepCounts.of(targets, mask, batch.num_models, device)
+            counts = _rows(targets, mask, batch.num_models, device)
             acc.add("loss", losses, counts)
             for name, v in _batch_metrics(batch, outputs, targets, mask, fns).items():
                 acc.add(name, v, counts)
@@ -627,7 +622,7 @@ def fit(
                 snap.restore(skip)
                 if scheduler is not None and scheduler_interval == "step":
                     scheduler.step()
-                counts = _StepCounts.of(targets, mask, n, device)
+                counts = _rows(targets, mask, n, device)
                 live = torch.where(skip, 0.0, counts)
                 acc.add("loss", losses, live)
                 with torch.no_grad():

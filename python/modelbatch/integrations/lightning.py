@@ -64,8 +64,8 @@ from modelbatch.train import (  # noqa: E402
     _lrs,
     _metric_fns,
     _nonfinite_grads,
+    _rows,
     _Snapshot,
-    _StepCounts,
 )
 
 __all__ = ["ModelBatchModule"]
@@ -309,7 +309,7 @@ class ModelBatchModule(L.LightningModule):
         self._bad |= ~torch.isfinite(losses.detach())
         with torch.no_grad():
             extra = _batch_metrics(self.batch, outputs, targets, None, self.metric_fns)
-        counts = _StepCounts.of(targets, None, n, self._bad.device)
+        counts = _rows(targets, None, n, self._bad.device)
         self._pending = (losses.detach(), extra, counts)
         return losses.sum()
 
@@ -436,7 +436,7 @@ class ModelBatchModule(L.LightningModule):
     def validation_step(self, item: Any, batch_idx: int) -> None:
         outputs, targets, losses = self._losses(item)
         n = self.batch.num_models
-        counts = _StepCounts.of(targets, None, n, self._val_acc.device)
+        counts = _rows(targets, None, n, self._val_acc.device)
         self._val_acc.add("loss", losses, counts)
         for name, v in _batch_metrics(self.batch, outputs, targets, None, self.metric_fns).items():
             self._val_acc.add(name, v, counts)

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.modelbatch-built
 SOURCES := pyproject.toml CMakeLists.txt scripts/setup.sh $(wildcard csrc/*.cpp csrc/*.h)
 
-.PHONY: setup demo test lint bench bench-quick gpu clean
+.PHONY: setup demo test lint bench bench-quick gpu wheel wheel-smoke clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,16 @@ bench: setup
 
 bench-quick: setup
 	$(PY) benchmarks/bench.py --quick
+
+# Release artifacts in dist/: the sdist and, built from it as pip does, the wheel,
+# against the installed torch (no isolation). The wheel's CMake tree lies in the
+# unpacked sdist's temporary directory, never in this checkout's build/.
+wheel: setup
+	$(PY) -m build --no-isolation --outdir dist .
+
+# Build both, install the wheel into a fresh venv and use it from outside the checkout.
+wheel-smoke: setup
+	PYTHON=$(PY) bash scripts/wheel_smoke.sh
 
 # On a CUDA machine: tests (CUDA included) + GPU benchmarks -> benchmarks/results/<gpu>/
 gpu:

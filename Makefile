@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.modelbatch-built
 SOURCES := pyproject.toml CMakeLists.txt scripts/setup.sh $(wildcard csrc/*.cpp csrc/*.h)
 
-.PHONY: setup demo test lint bench bench-quick gpu wheel wheel-smoke clean
+.PHONY: setup demo test lint bench bench-quick bench-suite bench-suite-quick bench-gpu gpu wheel wheel-smoke clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,16 @@ bench: setup
 bench-quick: setup
 	$(PY) benchmarks/bench.py --quick
 
+# The training-step suite (4 workloads x N x 5 methods, benchmarks/suite.py) and its
+# figures -> benchmarks/results/cpu/suite[_quick].{csv,md}, *_throughput/_memory.png
+bench-suite: setup
+	$(PY) benchmarks/suite.py
+	$(PY) benchmarks/plot.py benchmarks/results/cpu/suite.csv
+
+bench-suite-quick: setup
+	$(PY) benchmarks/suite.py --quick
+	$(PY) benchmarks/plot.py benchmarks/results/cpu/suite_quick.csv
+
 # Release artifacts in dist/: the sdist and, built from it as pip does, the wheel,
 # against the installed torch (no isolation). The wheel's CMake tree lies in the
 # unpacked sdist's temporary directory, never in this checkout's build/.
@@ -45,9 +55,12 @@ wheel: setup
 wheel-smoke: setup
 	PYTHON=$(PY) bash scripts/wheel_smoke.sh
 
-# On a CUDA machine: tests (CUDA included) + GPU benchmarks -> benchmarks/results/<gpu>/
-gpu:
+# On a CUDA machine: tests (CUDA included) + every benchmark (bench*.py, suite.py and
+# its plots) -> benchmarks/results/<gpu>/
+bench-gpu:
 	VENV=$(VENV) bash scripts/gpu_check.sh
+
+gpu: bench-gpu
 
 clean:
 	rm -rf build dist $(VENV)

@@ -2,7 +2,10 @@
 # The one command a CUDA machine needs: build against the machine's torch, run the
 # whole test suite (CUDA tests included: they run whenever a GPU is visible, and the
 # Triton kernels then run compiled, not interpreted), and run the benchmarks on the
-# GPU, writing everything under benchmarks/results/<gpu-name>/.
+# GPU, writing everything under benchmarks/results/<gpu-name>/: bench.py, the other
+# bench_*.py, the training-step suite (benchmarks/suite.py: all workloads with
+# SUITE_ARGS, default --quick; then float16 AMP on the CNN with SUITE_AMP_ARGS,
+# default every N of the full run) and its figures (benchmarks/plot.py).
 #
 # Lent GPU machines may have no package index: when scikit-build-core is missing
 # the extension is built with CMake + ninja directly and staged on PYTHONPATH.
@@ -35,3 +38,17 @@ mkdir -p "$OUT"
 "$PY" benchmarks/bench_rnn.py --device cuda 2>&1 | tee "$OUT/bench_rnn.txt"
 "$PY" benchmarks/bench_optim.py --device cuda 2>&1 | tee "$OUT/bench_optim.txt"
 "$PY" benchmarks/bench_linear.py --device cuda 2>&1 | tee "$OUT/bench_linear.txt"
+# Word splitting of the two argument lists is intended.
+# shellcheck disable=SC2086
+"$PY" benchmarks/suite.py --device cuda ${SUITE_ARGS---quick} --out "$OUT" --name suite \
+  2>&1 | tee "$OUT/suite.txt"
+# shellcheck disable=SC2086
+"$PY" benchmarks/suite.py --device cuda --amp ${SUITE_AMP_ARGS---workload cnn} --out "$OUT" \
+  --name suite_amp 2>&1 | tee "$OUT/suite_amp.txt"
+if "$PY" -c "import matplotlib" >/dev/null 2>&1; then
+  for csv in "$OUT/suite.csv" "$OUT/suite_amp.csv"; do
+    "$PY" benchmarks/plot.py "$csv"
+  done
+else
+  echo "gpu_check: matplotlib missing, figures skipped (run benchmarks/plot.py on the CSVs later)"
+fi

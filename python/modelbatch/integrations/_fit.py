@@ -159,3 +159,23 @@ def build_seeded(build_model: Callable[[Config], nn.Module], config: Config, see
     if not isinstance(model, nn.Module):
         raise ValueError(f"build_model must return an nn.Module, got {type(model).__name__}")
     return model
+
+
+def per_model_tensor(values: Any, n: int, name: str | None = None) -> torch.Tensor:
+    """float64 ``[n]`` CPU tensor of one value per model from what a ``train_fn``
+    returned (``name``: which of its entries, for the error message)."""
+    try:
+        t = torch.as_tensor(values, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as err:
+        got = type(values).__name__ if name is None else f"{name!r} is {type(values).__name__}"
+        raise ValueError(
+            f"train_fn must return [N={n}] values, a {{name: [N]}} mapping or a History; got {got}"
+        ) from err
+    if t.shape != (n,):
+        what = "shape" if name is None else f"{name!r} of shape"
+        raise ValueError(
+            f"train_fn returned {what} {tuple(t.shape)}; expected one value per model [N={n}]"
+            if name is None
+            else f"train_fn returned {what} {tuple(t.shape)}; expected [N={n}]"
+        )
+    return t

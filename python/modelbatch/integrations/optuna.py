@@ -49,7 +49,13 @@ from torch import nn
 from modelbatch.callbacks import Callback
 from modelbatch.core import ModelBatch
 from modelbatch.integrations import require
-from modelbatch.integrations._fit import Config, FitTrainer, TrainFn, build_seeded
+from modelbatch.integrations._fit import (
+    Config,
+    FitTrainer,
+    TrainFn,
+    build_seeded,
+    per_model_tensor,
+)
 from modelbatch.train import History
 
 optuna = require("optuna", "optuna")
@@ -82,18 +88,7 @@ def per_model_values(result: Any, objective: str, n: int) -> torch.Tensor:
         values = result[objective]
     else:
         values = result
-    try:
-        values = torch.as_tensor(values, dtype=torch.float64).detach().cpu()
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(
-            f"train_fn must return [N={n}] values, a {{name: [N]}} mapping or a History; "
-            f"got {type(result).__name__}"
-        ) from err
-    if values.shape != (n,):
-        raise ValueError(
-            f"train_fn returned shape {tuple(values.shape)}; expected one value per model [N={n}]"
-        )
-    return values
+    return per_model_tensor(values, n)
 
 
 def structure(model: nn.Module) -> tuple:

@@ -59,7 +59,13 @@ from torch import nn
 from modelbatch.callbacks import Callback
 from modelbatch.core import ModelBatch
 from modelbatch.integrations import require
-from modelbatch.integrations._fit import Config, FitTrainer, TrainFn, build_seeded
+from modelbatch.integrations._fit import (
+    Config,
+    FitTrainer,
+    TrainFn,
+    build_seeded,
+    per_model_tensor,
+)
 from modelbatch.train import History
 
 ray = require("ray", "ray")
@@ -112,17 +118,7 @@ def per_model_metrics(result: Any, n: int, metric: str) -> dict[str, list[float]
         result = {metric: result}
     out = {}
     for name, values in result.items():
-        try:
-            t = torch.as_tensor(values, dtype=torch.float64).detach().cpu()
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise ValueError(
-                f"train_fn must return [N={n}] values, a {{name: [N]}} mapping or a History; "
-                f"{name!r} is {type(values).__name__}"
-            ) from err
-        if t.shape != (n,):
-            raise ValueError(
-                f"train_fn returned {name!r} of shape {tuple(t.shape)}; expected [N={n}]"
-            )
+        t = per_model_tensor(values, n, name)
         out[str(name)] = t.tolist()
     return out
 

@@ -65,6 +65,10 @@ TORCH_LIBRARY(modelbatch, m) {
       "rnn_layer_backward(int mode, Tensor grad_out, Tensor grad_hn, Tensor? grad_cn, "
       "Tensor w_hh, Tensor? b_hh, Tensor? w_hr, Tensor h0, Tensor? c0, Tensor out, Tensor ws, "
       "bool reverse, int[] batch_sizes) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "fused_mlp_loss_grad(Tensor x, Tensor target, Tensor[] weights, Tensor?[] biases, "
+      "int[] activations, int loss, int ignore_index, Tensor? grad_scale) -> "
+      "(Tensor, Tensor[])");
 }
 
 extern "C" {

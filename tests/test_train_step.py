@@ -69,7 +69,9 @@ def test_compiled_step_equals_eager_step(kind, opt):
 
 def test_uncompiled_trainstep_is_the_eager_step_exactly():
     (ref, ref_opt), (batch, bopt) = make("mlp", "adam")
-    step = TrainStep(batch, bopt, F.cross_entropy, compile=False, max_grad_norm=[0.1, 1.0, 10.0])
+    step = TrainStep(
+        batch, bopt, F.cross_entropy, compile=False, max_grad_norm=[0.1, 1.0, 10.0], fused=False
+    )
     for x, y in make_data("mlp", 4):
         assert torch.equal(step(x, y), eager_step(ref, ref_opt, x, y, clip=[0.1, 1.0, 10.0]))
     for v, w in zip(batch.state_dict().values(), ref.state_dict().values()):

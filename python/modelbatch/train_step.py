@@ -36,9 +36,11 @@ import torch
 from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
+from modelbatch import _backend
 from modelbatch.core import ModelBatch
 from modelbatch.interception import ModelBatchMode
 from modelbatch.ops import dropout as dropout_op
+from modelbatch.ops import fused_mlp
 from modelbatch.optim._base import FusedOptimizer, per_model
 from modelbatch.rng import PhiloxStreams
 
@@ -84,6 +86,14 @@ class TrainStep:
         autocast: a dtype to run forward and loss under ``torch.autocast``.
         targets_per_model: as in :meth:`ModelBatch.compute_loss` (None: detect).
         compile_kwargs: more ``torch.compile`` options (``dynamic``, ``mode``, ...).
+        fused: whether forward, loss and backward run as the fused MLP kernel
+            (``modelbatch::fused_mlp_loss_grad``) for the models it covers (an
+            ``nn.Sequential`` of Linear layers and activations with a cross-entropy
+            or MSE loss; :func:`modelbatch.ops.fused_mlp.plan`). ``"auto"``: on the
+            CPU with the C++ kernels, float32, no autocast, for calls whose input
+            is one ``[B, I]`` / ``[N, B, I]`` tensor (other calls run the general
+            step). ``True``: always (an error says why a model is not covered);
+            ``False``: never.
 
     Gradients are not left in ``.grad``: the step hands them straight to the
     optimizer kernel. Use the eager path (``forward`` / ``compute_loss`` /
@@ -103,6 +113,7 @@ class TrainStep:
         autocast: torch.dtype | None = None,
         targets_per_model: bool | None = None,
         compile_kwargs: dict[str, Any] | None = None,
+        fused: bool | str = "auto",
     ) -> None:
         if not isinstance(batch, ModelBatch):
             raise ValueError(f"TrainStep takes a ModelBatch, got {type(batch).__name__}")
@@ -116,6 +127,8 @@ class TrainStep:
             raise ValueError("TrainStep: the optimizer does not belong to this ModelBatch")
         if scaler is not None and getattr(scaler, "batch", None) is not batch:
             raise ValueError("TrainStep: the scaler does not belong to this ModelBatch")
+        if fused not in ("auto", True, False):
+            raise ValueError(f"fused must be 'auto', True or False, got {fused!r}")
         if cuda_graphs not in ("auto", True, False):
             raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
         if batch.forward_path == "per_model":
@@ -141,6 +154,7 @@ class TrainStep:
         self._hp_version = -1
         self._extra = optimizer._extra_state()
         self._buckets = self._make_buckets()
+        self._plan, self._fused_order = self._fused_plan(fused)
         if cuda_graphs is True and not (compile and self._device.type == "cuda"):
             raise ValueError("cuda_graphs=True needs compile=True and a CUDA ModelBatch")
         use_graphs = bool(compile) and self._device.type == "cuda" and cuda_graphs is not False
@@ -148,12 +162,75 @@ class TrainStep:
         if use_graphs:
             kwargs.setdefault("mode", "reduce-overhead")
         self.compile_kwargs = kwargs if compile else None
-        if compile:
-            _enable_autograd_tracing()
-            self._fn = torch.compile(self._step, **kwargs)
-        else:
-            self._fn = self._step
+        self._fn = self._fused_fn = None
         self._prepared = False
+
+    # ------------------------------------------------------------ fused MLPs
+    def _fused_plan(self, fused):
+        """The fused kernel's plan and, per gradient it returns, the index of its
+        parameter in the optimizer's list (None: frozen); (None, None) if unused."""
+        if fused is False:
+            return None, None
+        batch = self.batch
+        names = list(batch.stacked_params())
+        plan, why = fused_mlp.plan(batch.template, self.loss_fn, names)
+        if plan is None:
+            if fused is True:
+                raise ValueError(
+                    f"TrainStep(fused=True): the fused MLP kernel does not cover this model: {why}"
+                )
+            return None, None
+        if fused == "auto":
+            if self._device.type != "cpu" or not _backend.c_extension_loaded():
+                return None, None
+            if self.autocast is not None:
+                return None, None
+        stacked = batch.stacked_params()
+        ids = {id(p): k for k, p in enumerate(self._params)}
+        order = [ids.get(id(stacked[name])) for name in plan.grad_names()]
+        return plan, order
+
+    def _fits_fused(self, inputs: Any, targets: Any) -> bool:
+        """Whether this call's input and targets are ones the fused kernel takes."""
+        plan, batch = self._plan, self.batch
+        x = inputs[0] if isinstance(inputs, tuple) and len(inputs) == 1 else inputs
+        if not isinstance(x, torch.Tensor) or not isinstance(targets, torch.Tensor):
+            return False
+        n = batch.num_models
+        want = 2 if batch.shared_input else 3
+        if x.dim() != want or x.dtype != torch.float32 or x.shape[-1] != plan.in_features:
+            return False
+        if not batch.shared_input and x.shape[0] != n:
+            return False
+        b = x.shape[-2]
+        if plan.loss == 0:
+            ok = targets.dtype == torch.long and targets.shape in ((b,), (n, b))
+        else:
+            c = plan.out_features
+            ok = targets.dtype == torch.float32 and targets.shape in ((b, c), (n, b, c))
+        return ok and x.device == self._device == targets.device
+
+    def _fused_step(self, x, targets, hp, buckets, max_norm):
+        scaler = self.scaler
+        scaling = scaler is not None and scaler._enabled
+        losses, grads = fused_mlp.call(
+            self._plan,
+            self.batch.stacked_params(),
+            x,
+            targets,
+            scaler._scale if scaling else None,
+        )
+        by_param: list[torch.Tensor | None] = [None] * len(self._params)
+        for g, k in zip(grads, self._fused_order):
+            if k is not None:
+                by_param[k] = g
+        return self._update(losses, by_param, hp, buckets, max_norm)
+
+    def _compiled(self, fn):
+        if not self.compiled:
+            return fn
+        _enable_autograd_tracing()
+        return torch.compile(fn, **self.compile_kwargs)
 
     # ------------------------------------------------------------ parameters
     def set_max_grad_norm(self, value: Any) -> None:
@@ -196,8 +273,16 @@ class TrainStep:
         if not self._prepared:
             self._prepare(inputs)
         self._refresh_hparams()
-        args = inputs if isinstance(inputs, tuple) else (inputs,)
-        losses = self._fn(args, targets, self._hp, self._buckets, self._max_norm)
+        if self._plan is not None and self._fits_fused(inputs, targets):
+            if self._fused_fn is None:
+                self._fused_fn = self._compiled(self._fused_step)
+            x = inputs[0] if isinstance(inputs, tuple) else inputs
+            losses = self._fused_fn(x, targets, self._hp, self._buckets, self._max_norm)
+        else:
+            if self._fn is None:
+                self._fn = self._compiled(self._step)
+            args = inputs if isinstance(inputs, tuple) else (inputs,)
+            losses = self._fn(args, targets, self._hp, self._buckets, self._max_norm)
         # What optimizer.step() would have flagged: lr schedulers check it.
         self.optimizer._opt_called = True
         self.batch.latest_losses = losses
@@ -257,8 +342,7 @@ class TrainStep:
         return torch.autocast(self._device.type, dtype=self.autocast)
 
     def _step(self, args, targets, hp, buckets, max_norm):
-        batch, opt, scaler = self.batch, self.optimizer, self.scaler
-        n = batch.num_models
+        batch, scaler = self.batch, self.scaler
         params = batch.stacked_params()
         buffers = batch.stacked_buffers()
         with self._autocast():
@@ -279,6 +363,13 @@ class TrainStep:
         # The kernels take contiguous [N, ...] grads (the compiler fuses the copy of
         # any transposed one into the op that produces it).
         grads = [g.contiguous() for g in torch.autograd.grad(total, self._params)]
+        return self._update(losses, grads, hp, buckets, max_norm)
+
+    def _update(self, losses, grads, hp, buckets, max_norm):
+        """Unscale, check, clip and step every model from its losses and gradients."""
+        opt, scaler = self.optimizer, self.scaler
+        n = self.batch.num_models
+        scaling = scaler is not None and scaler._enabled
         with torch.no_grad():
             found = (~torch.isfinite(losses.detach())).float()
             inv_scale = None

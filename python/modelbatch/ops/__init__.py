@@ -4,6 +4,28 @@ implementation for ``torch.compile``, and its CUDA kernel (Triton) registration.
 """
 
 from modelbatch import _backend  # noqa: F401  (loads _C, defines the ops)
-from modelbatch.ops import adam, amp, cross_entropy, dropout, linear, philox, rnn, sgd, small_bmm
+from modelbatch.ops import (
+    adam,
+    amp,
+    cross_entropy,
+    dropout,
+    fused_mlp,
+    linear,
+    philox,
+    rnn,
+    sgd,
+    small_bmm,
+)
 
-__all__ = ["adam", "amp", "cross_entropy", "dropout", "linear", "philox", "rnn", "sgd", "small_bmm"]
+__all__ = [
+    "adam",
+    "amp",
+    "cross_entropy",
+    "dropout",
+    "fused_mlp",
+    "linear",
+    "philox",
+    "rnn",
+    "sgd",
+    "small_bmm",
+]

@@ -50,4 +50,9 @@ SCHEMAS = {
         "Tensor w_hh, Tensor? b_hh, Tensor? w_hr, Tensor h0, Tensor? c0, Tensor out, Tensor ws, "
         "bool reverse, int[] batch_sizes) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
+    "fused_mlp_loss_grad": (
+        "fused_mlp_loss_grad(Tensor x, Tensor target, Tensor[] weights, Tensor?[] biases, "
+        "int[] activations, int loss, int ignore_index, Tensor? grad_scale) -> "
+        "(Tensor, Tensor[])"
+    ),
 }

@@ -107,6 +107,35 @@ def test_every_activation_forward_and_backward(act):
     check(got, reference64(x, t, ws, bs, acts, 0))
 
 
+CHAIN_CASES = [c for c in CASES if 3 not in CASES[c][3] and c != "wide"]  # no sigmoid
+
+
+@pytest.mark.parametrize("case", CHAIN_CASES)
+def test_linear_act_chain_matches_the_reference(case, triton_device):
+    """The op's CUDA kernel: a chain of linear_act Triton GEMMs (bias and activation
+    in the epilogues), here in the Triton interpreter without a GPU; and the same
+    chain over the linear_act op's CPU path."""
+    from modelbatch.kernels import linear as triton_linear
+
+    n, b, dims, acts, loss, opts = CASES[case]
+    x, t, ws, bs, acts = problem(n, b, dims, acts, loss, **opts)
+    if loss == 0:
+        t[..., ::4] = -100
+    scale = torch.linspace(0.5, 4.0, n)
+    want = reference64(x, t, ws, bs, acts, loss, scale=scale)
+    check(fm.linear_act_chain(x, t, ws, bs, acts, loss, -100, scale), want)
+
+    def dev(v):
+        return None if v is None else v.to(triton_device)
+
+    losses, grads = fm.linear_act_chain(
+        dev(x), dev(t), [dev(w) for w in ws], [dev(v) for v in bs], acts, loss, -100,
+        dev(scale), forward=triton_linear.linear_act_forward,
+        backward=triton_linear.linear_act_backward,
+    )  # fmt: skip
+    check((losses.cpu(), [g.cpu() for g in grads]), want)
+
+
 @pytest.mark.parametrize("act", sorted(fm.ACTIVATIONS))
 def test_nan_stays_in_its_model(act):
     """A NaN input makes that model's loss NaN (as in torch, whatever the activation)

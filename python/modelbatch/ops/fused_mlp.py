@@ -14,9 +14,11 @@ each multiplied by ``grad_scale[n]`` when given (a loss scaler's scale).
 On the CPU the C++ kernel (``csrc/fused_mlp.cpp``) runs each model's forward, loss
 and backward in one pass with the activations in the core's caches, instead of one
 memory-bound pass over ``[N, B, H]`` per elementwise op; :class:`modelbatch.TrainStep`
-uses it for the models :func:`plan` recognises. Elsewhere (CUDA, or without
-``modelbatch._C``) the pure-torch :func:`reference` runs: ``vmap`` over
-``torch.func.grad_and_value`` of the same MLP.
+uses it for the models :func:`plan` recognises. On CUDA the op is a chain of
+``modelbatch::linear_act`` Triton GEMMs with the bias and activation fused into
+their epilogues, forward and backward (:func:`linear_act_chain`; sigmoid models
+run the reference). Without ``modelbatch._C`` the pure-torch :func:`reference`
+runs: ``vmap`` over ``torch.func.grad_and_value`` of the same MLP.
 
 ``MODELBATCH_FUSED_MLP_ISA=avx2`` or ``=generic`` (read per call) limits the CPU
 kernel to AVX2 or to its generic 128-bit kernels, for tests and benchmarks.
@@ -114,8 +116,79 @@ def _fake(x, target, weights, biases, activations, loss, ignore_index, grad_scal
     return x.new_empty((n,)), grads
 
 
+#: The op's activation codes as ``modelbatch::linear_act`` names (sigmoid has none).
+_LINEAR_ACT = {0: "none", 1: "relu", 2: "tanh", 4: "silu", 5: "gelu", 6: "gelu_tanh"}
+
+
+def linear_act_chain(
+    x: Tensor,
+    target: Tensor,
+    weights: list[Tensor],
+    biases: list[Tensor | None],
+    activations: list[int],
+    loss: int,
+    ignore_index: int,
+    grad_scale: Tensor | None,
+    *,
+    forward=None,
+    backward=None,
+) -> tuple[Tensor, list[Tensor]]:
+    """The op as a chain of ``modelbatch::linear_act`` layers (the CUDA kernel):
+    each layer's forward is one GEMM with the bias and activation in its epilogue
+    (Triton on CUDA), its backward the GEMMs with the activation derivative fused
+    (:mod:`modelbatch.kernels.linear`); the loss and its gradient ``[N, B, C]`` are
+    a few torch ops. ``forward`` / ``backward`` default to the linear_act ops
+    (tests pass the Triton launchers to run them in the interpreter)."""
+    from modelbatch.ops import linear as linear_op
+
+    if forward is None or backward is None:
+        forward, backward = linear_op.linear_act_ops()
+    names = [_LINEAR_ACT[a] for a in activations]
+    a = x
+    saved = []
+    for layer, (w, b, act) in enumerate(zip(weights, biases, names)):
+        shared = layer == 0 and x.dim() == 2
+        out, pre = forward(a, w, b, act, shared)
+        keep = pre if act in linear_op.SAVES_PRE else (out if act != "none" else None)
+        saved.append((a, shared, keep))
+        a = out
+    n, rows, c = a.shape
+    scale = a.new_ones(n) if grad_scale is None else grad_scale.to(a)
+    if loss == 0:
+        t = target.expand(n, rows) if target.dim() == 1 else target
+        valid = t != ignore_index
+        index = torch.where(valid, t, 0).unsqueeze(-1)
+        count = valid.sum(-1)
+        picked = a.gather(-1, index).squeeze(-1)
+        losses = ((torch.logsumexp(a, -1) - picked) * valid).sum(-1) / count  # 0/0: NaN
+        g = torch.softmax(a, -1).scatter_add_(-1, index, -torch.ones_like(picked).unsqueeze(-1))
+        g = g * (valid * (scale / count.clamp(min=1)).unsqueeze(-1)).unsqueeze(-1)
+    else:
+        d = a - (target.expand(n, rows, c) if target.dim() == 2 else target)
+        losses = (d * d).mean((1, 2))
+        g = d * (2 * scale / (rows * c)).view(n, 1, 1)
+    grads: list[Tensor] = []
+    for layer in reversed(range(len(weights))):
+        a_in, shared, keep = saved[layer]
+        has_b = biases[layer] is not None
+        gx, gw, gb = backward(
+            g, a_in, weights[layer], keep, names[layer], shared, layer > 0, True, has_b
+        )
+        grads[:0] = [gw, gb] if has_b else [gw]
+        g = gx
+    return losses, grads
+
+
+def _cuda(x, target, weights, biases, activations, loss, ignore_index, grad_scale):
+    if all(a in _LINEAR_ACT for a in activations):
+        return linear_act_chain(
+            x, target, weights, biases, activations, loss, ignore_index, grad_scale
+        )
+    return reference(x, target, weights, biases, activations, loss, ignore_index, grad_scale)
+
+
 torch.library.register_fake("modelbatch::fused_mlp_loss_grad")(_fake)
-IMPL.impl("fused_mlp_loss_grad", reference, "CUDA")
+IMPL.impl("fused_mlp_loss_grad", _cuda, "CUDA")
 if not _backend.c_extension_loaded():
     IMPL.impl("fused_mlp_loss_grad", reference, "CPU")
 

@@ -16,7 +16,10 @@ warm-up excluded):
   modelbatch     modelbatch.ModelBatch + modelbatch.optim.Adam with a different
                  learning rate for every model (the eager step).
   trainstep      modelbatch.TrainStep: the same step as one torch.compile graph
-                 (fullgraph; compile time excluded: it runs during warm-up).
+                 (fullgraph; compile time excluded: it runs during warm-up). On the
+                 CPU its default (fused="auto") runs these MLPs' forward, loss and
+                 backward as the fused MLP kernel (csrc/fused_mlp.cpp); on CUDA the
+                 general compiled step, and trainstep_fused the linear_act chain.
 Plus the optimizer step alone on the same stacked tensors: modelbatch.optim.Adam
 against torch.optim.Adam(foreach=True) and (fused=True), each timed in blocks of
 back-to-back steps (a microbenchmark: state as warm as the caches allow).
@@ -147,10 +150,10 @@ def modelbatch_fn(w, n, device):
     return step
 
 
-def trainstep_fn(w, n, device):
+def trainstep_fn(w, n, device, fused="auto"):
     batch = mb.ModelBatch([mlp(w) for _ in range(n)]).to(device)
     opt = mb.optim.Adam(batch, lr=lrs(n))
-    step = mb.TrainStep(batch, opt, F.cross_entropy)
+    step = mb.TrainStep(batch, opt, F.cross_entropy, fused=fused)
     x, y = data(w, device)
     return lambda: step(x, y)
 
@@ -163,6 +166,10 @@ def time_methods(w, n, device, repeats) -> dict[str, float]:
     fns["torchfunc_fused"] = torchfunc_fn(w, n, device, fused=True)
     fns["modelbatch"] = modelbatch_fn(w, n, device)
     fns["trainstep"] = trainstep_fn(w, n, device)
+    if torch.device(device).type == "cuda":
+        # On CUDA "auto" runs the general compiled step; the fused MLP op (a chain of
+        # linear_act Triton GEMMs) is measured too, to choose between them.
+        fns["trainstep_fused"] = trainstep_fn(w, n, device, fused=True)
     t = H.interleaved_times(fns, repeats=repeats, device=device)
     for k, (_, scale) in seq.items():
         t[k] *= scale

@@ -208,3 +208,34 @@ def test_torch_streams_inside_a_compiled_step_say_what_to_do():
     step = TrainStep(batch, mb.optim.SGD(batch, lr=0.1), F.cross_entropy)
     with pytest.raises(Exception, match="rng='philox'"):
         step(torch.randn(5, 4), torch.randint(0, 2, (5,)))
+
+
+class _Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.lstm = nn.LSTM(6, 8, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h, _ = self.lstm(self.emb(x))
+        return self.head(h[:, -1])
+
+
+def test_recurrent_models_run_uncompiled_with_a_warning():
+    """Dynamo cannot trace nn.LSTM: the step says so and runs uncompiled, exactly
+    the eager step."""
+    torch.manual_seed(0)
+    models = [_Recurrent() for _ in range(3)]
+    ref = mb.ModelBatch(copy.deepcopy(models), seeds=0)
+    batch = mb.ModelBatch(models, seeds=0)
+    ref_opt, opt = mb.optim.Adam(ref, lr=LRS), mb.optim.Adam(batch, lr=LRS)
+    with pytest.warns(UserWarning, match="cannot trace LSTM layers"):
+        step = TrainStep(batch, opt, F.cross_entropy)
+    assert not step.compiled
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = torch.randint(0, 20, (5, 7), generator=g), torch.randint(0, 3, (5,), generator=g)
+        assert torch.equal(step(x, y), eager_step(ref, ref_opt, x, y))
+    for v, w in zip(batch.stacked_params().values(), ref.stacked_params().values()):
+        assert torch.equal(v, w)

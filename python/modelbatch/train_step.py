@@ -29,10 +29,12 @@ clipping, gradient norm) is not finite skips its update (the optimizer's
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -136,6 +138,20 @@ class TrainStep:
                 f"TrainStep needs the vectorised forward; this ModelBatch runs model by model "
                 f"({batch.fallback_op} has no vmap batching rule)"
             )
+        recurrent = next(
+            (type(m).__name__ for m in batch.template.modules() if isinstance(m, nn.RNNBase)),
+            None,
+        )
+        if compile and recurrent is not None:
+            # Dynamo does not trace nn.LSTM / GRU / RNN (torch._dynamo.config.allow_rnn
+            # is experimental and fails under vmap): the step runs uncompiled, still one
+            # call with the batched recurrent kernels, clipping and the fused optimizer.
+            warnings.warn(
+                f"TrainStep: torch.compile cannot trace {recurrent} layers, so this step "
+                "runs uncompiled (pass compile=False to silence this warning)",
+                stacklevel=2,
+            )
+            compile = False
         self.batch = batch
         self.optimizer = optimizer
         self.loss_fn = loss_fn

@@ -48,6 +48,9 @@ from modelbatch.rng import PhiloxStreams
 
 __all__ = ["TrainStep"]
 
+#: fused="auto" runs the fused MLP kernel for layers up to this many features.
+_FUSED_MAX_WIDTH = 512
+
 
 class _TracedPhilox(PhiloxStreams):
     """One model's Philox stream inside the vmap of a compiled step: ``seeds`` and
@@ -199,7 +202,10 @@ class TrainStep:
         if fused == "auto":
             if self._device.type != "cpu" or not _backend.c_extension_loaded():
                 return None, None
-            if self.autocast is not None:
+            # Past 512 features the kernel's tiles (no cache blocking) lose to MKL's
+            # GEMMs in the general step: 0.7x at 1024 (1.07x at 512, 6-7x on small
+            # layers; benchmarks/results/cpu/fused_mlp.md).
+            if self.autocast is not None or max(plan.widths) > _FUSED_MAX_WIDTH:
                 return None, None
         stacked = batch.stacked_params()
         ids = {id(p): k for k, p in enumerate(self._params)}

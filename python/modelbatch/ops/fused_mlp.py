@@ -263,6 +263,7 @@ class Plan:
     ignore_index: int
     in_features: int
     out_features: int
+    widths: tuple[int, ...] = ()  # the features of every layer's input and output
 
     def grad_names(self) -> list[str]:
         """The parameter names in the op's gradient order."""
@@ -368,6 +369,7 @@ def plan(template: nn.Module, loss_fn, param_names: list[str]) -> tuple[Plan | N
         ignore_index=kind[1],
         in_features=layers[0][1].in_features,
         out_features=layers[-1][1].out_features,
+        widths=(layers[0][1].in_features, *(m.out_features for _, m, _ in layers)),
     )
     return p, ""
 

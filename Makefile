@@ -31,6 +31,7 @@ bench: setup
 	$(PY) benchmarks/bench_rnn.py
 	$(PY) benchmarks/bench_optim.py
 	$(PY) benchmarks/bench_linear.py
+	$(PY) benchmarks/bench_fused_mlp.py
 
 bench-quick: setup
 	$(PY) benchmarks/bench.py --quick

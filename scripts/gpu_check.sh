@@ -38,6 +38,7 @@ mkdir -p "$OUT"
 "$PY" benchmarks/bench_rnn.py --device cuda 2>&1 | tee "$OUT/bench_rnn.txt"
 "$PY" benchmarks/bench_optim.py --device cuda 2>&1 | tee "$OUT/bench_optim.txt"
 "$PY" benchmarks/bench_linear.py --device cuda 2>&1 | tee "$OUT/bench_linear.txt"
+"$PY" benchmarks/bench_fused_mlp.py --device cuda 2>&1 | tee "$OUT/bench_fused_mlp.txt"
 # Word splitting of the two argument lists is intended.
 # shellcheck disable=SC2086
 "$PY" benchmarks/suite.py --device cuda ${SUITE_ARGS---quick} --out "$OUT" --name suite \

@@ -173,6 +173,10 @@ def write_csv(path: Path, rows: list[dict[str, object]]) -> Path:
 
 
 def results_dir(device: str) -> Path:
+    """benchmarks/results/<gpu-name> or /cpu; MB_BENCH_OUT overrides it (the GPU
+    script's CPU smoke run writes everything into one temporary folder)."""
+    if os.environ.get("MB_BENCH_OUT"):
+        return Path(os.environ["MB_BENCH_OUT"])
     if device.startswith("cuda"):
         gpu = torch.cuda.get_device_name(torch.device(device)).replace(" ", "-")
         return RESULTS / gpu

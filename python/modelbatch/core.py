@@ -571,7 +571,7 @@ class ModelBatch(nn.Module):
         """Model i's random stream, for a forward of model i alone."""
         if self.rng == "philox" and self.training:
             one = _rng.PhiloxStreams(self.rng_seeds[i : i + 1], self.rng_offsets[i : i + 1])
-            return ModelBatchMode(route_ops=False, rng=one)
+            return ModelBatchMode(route_ops=False, rng=one, route_conv=False)
         if self.rng == "torch" and self.training:
             device = next(iter(self.stacked_params().values())).device
             return self._torch_streams.model_generator(i, device)
@@ -585,7 +585,7 @@ class ModelBatch(nn.Module):
         streams = self._streams() if rng and self.rng is not None else None
         if not self.intercept and streams is None:
             return contextlib.nullcontext()
-        return ModelBatchMode(route_ops=self.intercept, rng=streams)
+        return ModelBatchMode(route_ops=self.intercept, rng=streams, route_conv=self.intercept)
 
     def enable_compile(self, **kwargs: Any) -> ModelBatch:
         """Run the vectorised forward under ``torch.compile(**kwargs)``."""

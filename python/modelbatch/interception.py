@@ -5,8 +5,12 @@ A ``TorchFunctionMode`` is active only inside ``ModelBatch.forward`` and
 never affected. Routed today: ``F.linear`` (so every ``nn.Linear``) ->
 ``modelbatch::linear``, and ``F.cross_entropy`` (so ``nn.CrossEntropyLoss``) ->
 ``modelbatch::cross_entropy`` for the cases that op covers (with ``intercept=True``);
-and, when the ModelBatch has per-model random streams, every random call listed in
-:mod:`modelbatch.rng` (dropout and friends, attention dropout) -> that model's stream.
+on the CPU ``F.conv1d/2d/3d`` (so every ``nn.Conv*d``) -> ``modelbatch::conv`` and
+``F.batch_norm`` / ``torch.batch_norm`` (``nn.BatchNorm*d``) -> ``modelbatch::batch_norm``,
+loops of the native kernels over the models (``route_conv``; on CUDA these stay
+vmap's grouped convolutions, which cuDNN runs well); and, when the ModelBatch has
+per-model random streams, every random call listed in :mod:`modelbatch.rng` (dropout
+and friends, attention dropout) -> that model's stream.
 
 Fast path: when the call's tensors are batched by exactly the vmap that ModelBatch
 runs (the innermost transform, one level deep), the mode unwraps them, calls the
@@ -27,6 +31,8 @@ from torch import Tensor
 from torch._C import _functorch as _ft
 from torch.overrides import TorchFunctionMode
 
+from modelbatch.ops import batch_norm as bn_op
+from modelbatch.ops import conv as conv_op
 from modelbatch.ops import cross_entropy as ce_op
 from modelbatch.ops import linear as linear_op
 from modelbatch.rng import CALLS, is_random
@@ -104,12 +110,19 @@ _autocast_linear = _autocast_policy(low_precision=True)
 _autocast_float32 = _autocast_policy(low_precision=False)
 
 
+def _unwrap_all(level, tensors):
+    """``[(value, batch dim)]`` of every tensor at ``level`` (see :func:`_unwrap`), or
+    None when the fast path does not apply to one of them."""
+    if level is None:
+        return None
+    parts = [_unwrap(t, level) for t in tensors]
+    return None if any(p is None for p in parts) else parts
+
+
 def _fast_linear(x, weight, bias=None):
     level = _level_of(weight)
-    if level is None:
-        return _NOT_HANDLED
-    parts = [_unwrap(t, level) for t in (x, weight, bias)]
-    if any(p is None for p in parts):
+    parts = _unwrap_all(level, (x, weight, bias))
+    if parts is None:
         return _NOT_HANDLED
     (xv, xd), (wv, wd), (bv, bd) = parts
     out, _ = linear_op._vmap_rule(None, (xd, wd, bd), xv, wv, bv)
@@ -120,8 +133,8 @@ def _fast_cross_entropy(input, target, *args, **kwargs):
     level = _level_of(input)
     if level is None or not ce_op.covers(input, target, *args, **kwargs):
         return _NOT_HANDLED
-    parts = [_unwrap(t, level) for t in (input, target)]
-    if any(p is None for p in parts):
+    parts = _unwrap_all(level, (input, target))
+    if parts is None:
         return _NOT_HANDLED
     (xv, xd), (tv, td) = parts
     reduction, ignore_index = ce_op.reduction_and_ignore(*args, **kwargs)
@@ -129,10 +142,103 @@ def _fast_cross_entropy(input, target, *args, **kwargs):
     return _ft._add_batch_dim(out, 0, level)
 
 
+def _no_cast(args, kwargs):
+    return args, kwargs
+
+
+def _cpu_call(parse):
+    """The routed arguments of a call to ``func`` (``parse``'s tuple), or None when
+    the call stays as it is: ``parse`` does not cover it, or its input is not on the
+    CPU (on CUDA vmap's grouped convolutions and folded batch norms are cuDNN's)."""
+
+    def parsed(args, kwargs):
+        got = parse(*args, **kwargs)
+        if got is None or got[0].device.type != "cpu":
+            return None
+        return got
+
+    return parsed
+
+
+def _conv_routes(func, d: int):
+    parse = _cpu_call(lambda *a, **k: conv_op.conv_args(d, *a, **k))
+
+    def fast(*args, **kwargs):
+        got = parse(args, kwargs)
+        if got is None:
+            return _NOT_HANDLED
+        x, weight, bias, *rest = got
+        level = _level_of(weight)
+        parts = _unwrap_all(level, (x, weight, bias))
+        if parts is None:
+            return _NOT_HANDLED
+        (xv, xd), (wv, wd), (bv, bd) = parts
+        out = conv_op.batched_call(xv, xd, wv, wd, bv, bd, *rest)
+        return _ft._add_batch_dim(out, 0, level)
+
+    def general(*args, **kwargs):
+        got = parse(args, kwargs)
+        if got is None:
+            return func(*args, **kwargs)
+        return conv_op.conv(*got)
+
+    return fast, general, _autocast_linear
+
+
+def _bn_routes(func, parse_args):
+    parse = _cpu_call(parse_args)
+
+    def fast(*args, **kwargs):
+        got = parse(args, kwargs)
+        if got is None:
+            return _NOT_HANDLED
+        x, *params = got[:5]
+        training, momentum, eps = got[5:]
+        level = next((lv for lv in map(_level_of, params) if lv is not None), None)
+        parts = _unwrap_all(level, (x, *params))
+        if parts is None:
+            return _NOT_HANDLED
+        (xv, xd), *pparts = parts
+        values = tuple(v for v, _ in pparts)
+        dims = tuple(d for _, d in pparts)
+        track = training and params[2] is not None
+        if track and (dims[2] is None or dims[3] is None):
+            return _NOT_HANDLED  # shared running statistics: vmap's own error
+        out, _, _, new_mean, new_var = bn_op.batched_call(
+            xv, xd, values, dims, training, momentum, eps
+        )
+        if track:
+            bn_op.update_running_stats(
+                values[2].movedim(dims[2], 0), values[3].movedim(dims[3], 0), new_mean, new_var
+            )
+        return _ft._add_batch_dim(out, 0, level)
+
+    def general(*args, **kwargs):
+        got = parse(args, kwargs)
+        if got is None:
+            return func(*args, **kwargs)
+        out, _, _, new_mean, new_var = bn_op.batch_norm(*got)
+        running_mean, running_var, training = got[3:6]
+        if training and running_mean is not None:
+            bn_op.update_running_stats(running_mean, running_var, new_mean, new_var)
+        return out
+
+    return fast, general, _no_cast
+
+
 _ROUTES = {
     torch._C._nn.linear: (_fast_linear, linear_op.linear, _autocast_linear),
     torch.nn.functional.linear: (_fast_linear, linear_op.linear, _autocast_linear),
     torch.nn.functional.cross_entropy: (_fast_cross_entropy, ce_op.route, _autocast_float32),
+}
+
+#: Routed with ``route_conv``: convolutions and batch norms on the CPU, as loops of
+#: the native kernels over models (:mod:`modelbatch.ops.conv`,
+#: :mod:`modelbatch.ops.batch_norm`).
+_CONV_ROUTES = {
+    **{fn: _conv_routes(fn, d) for fn, d in conv_op.SPATIAL.items()},
+    torch.nn.functional.batch_norm: _bn_routes(torch.nn.functional.batch_norm, bn_op.bn_args),
+    torch.batch_norm: _bn_routes(torch.batch_norm, bn_op.torch_bn_args),
 }
 
 
@@ -200,12 +306,18 @@ class ModelBatchMode(TorchFunctionMode):
         route_ops: route linear and cross-entropy to the batched ops.
         rng: the per-model streams (:class:`modelbatch.rng.PhiloxStreams` or
             :class:`~modelbatch.rng.TorchStreams`) random calls draw from, or None.
+        route_conv: route convolutions and batch norms on the CPU to the batched
+            ops (``modelbatch::conv``, ``modelbatch::batch_norm``). Apart from
+            ``route_ops``: compiled, inductor would run vmap's grouped convolutions
+            through the same slow oneDNN kernels as eager mode, so a compiled
+            step routes these while it leaves linear and cross-entropy to inductor.
     """
 
-    def __init__(self, route_ops: bool = True, rng=None) -> None:
+    def __init__(self, route_ops: bool = True, rng=None, route_conv: bool = True) -> None:
         super().__init__()
         self.route_ops = route_ops
         self.rng = rng
+        self.route_conv = route_conv
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -220,6 +332,8 @@ class ModelBatchMode(TorchFunctionMode):
                 with _RoutedGlobals(self.rng):
                     return func(*args, **kwargs)
         route = _ROUTES.get(func) if self.route_ops else None
+        if route is None and self.route_conv:
+            route = _CONV_ROUTES.get(func)
         if route is not None:
             fast, general, autocast = route
             args, kwargs = autocast(args, kwargs)

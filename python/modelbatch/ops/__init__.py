@@ -7,6 +7,8 @@ from modelbatch import _backend  # noqa: F401  (loads _C, defines the ops)
 from modelbatch.ops import (
     adam,
     amp,
+    batch_norm,
+    conv,
     cross_entropy,
     dropout,
     fused_mlp,
@@ -20,6 +22,8 @@ from modelbatch.ops import (
 __all__ = [
     "adam",
     "amp",
+    "batch_norm",
+    "conv",
     "cross_entropy",
     "dropout",
     "fused_mlp",

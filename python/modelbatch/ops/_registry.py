@@ -42,3 +42,35 @@ def keep_mask(found_inf: torch.Tensor | None, steps: torch.Tensor) -> torch.Tens
     if found_inf is None:
         return torch.ones(steps.shape, dtype=torch.bool, device=steps.device)
     return found_inf.to(steps.device) == 0
+
+
+def check_dtype_device(op: str, x: torch.Tensor, named) -> None:
+    """``x`` floating point and every ``(name, tensor)`` of ``named`` (None skipped) of
+    its dtype and on its device; raises ValueError naming the first mismatch."""
+    for name, t in named:
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(f"{op}: {name} is {t.dtype}, x is {x.dtype} (one dtype for all)")
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device}, x is on {x.device} (one device)")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"{op}: x must be a floating-point tensor, got {x.dtype}")
+
+
+def store_model_grads(k: int, shared: bool, out, part, need) -> None:
+    """Write model ``k``'s ``(grad_x, grad_weight, grad_bias)`` ``part`` into the
+    stacked ``out`` where ``need`` says so; the gradient of a shared input is the sum
+    over the models (the first model's is copied, the others added)."""
+    gx, gw, gb = out
+    pgx, pgw, pgb = part
+    need_x, need_w, need_b = need
+    if need_x:
+        if not shared:
+            gx[k].copy_(pgx)
+        elif k == 0:
+            gx.copy_(pgx)
+        else:
+            gx.add_(pgx)
+    if need_w:
+        gw[k].copy_(pgw)
+    if need_b:
+        gb[k].copy_(pgb)

@@ -44,6 +44,8 @@ import threading
 import torch
 from torch import Tensor
 
+from modelbatch.ops._registry import check_dtype_device
+
 
 def _gemm(a: Tensor, b: Tensor, trans_a: bool, trans_b: bool, bias: Tensor | None) -> Tensor:
     # modelbatch::small_bmm: the C++ register-blocked kernel for the small per-model
@@ -198,13 +200,7 @@ def check_linear_act(
         )
     if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (n, o)):
         raise ValueError(f"{op}: bias must be None or [N, O] = {[n, o]}, got {_shape(bias)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype != x.dtype:
-            raise ValueError(f"{op}: {name} is {t.dtype}, x is {x.dtype} (one dtype for all)")
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{op}: {name} is on {t.device}, x is on {x.device} (one device)")
-    if not x.dtype.is_floating_point:
-        raise ValueError(f"{op}: x must be a floating-point tensor, got {x.dtype}")
+    check_dtype_device(op, x, (("weight", weight), ("bias", bias)))
     return n, x.shape[-2], i, o
 
 

@@ -1,16 +1,15 @@
 // modelbatch::adam_step on the CPU: Adam / AdamW for N models in one call, each
 // model with its own lr, betas, eps, weight decay, amsgrad flag and step count.
 //
-// Per element it follows torch.optim.Adam's single-tensor path operation by
-// operation (lerp for the first moment, mul + addcmul for the second, bias
-// corrections per model in double), so a batched run reproduces N separate
-// torch.optim runs to float rounding.
+// Per element it follows torch.optim.Adam's single-tensor path (csrc/adam_math.h),
+// so a batched run reproduces N separate torch.optim runs to float rounding.
 //
 // Mixed precision (optional inv_scale, found_inf, [N] float32): with inv_scale
 // every grad element of model i (skipped or not) is unscaled in place first,
 // g = scalar_t(opmath(g) * inv_scale[i]), and the update uses that stored value;
 // a model with found_inf[i] != 0 is skipped (state and step count untouched).
 // Without them the kernel is the plain one (UNSCALE=false, no skip test).
+#include "adam_math.h"
 #include "multi_tensor.h"
 
 #include <torch/library.h>
@@ -19,79 +18,6 @@
 
 namespace modelbatch {
 namespace {
-
-template <typename opmath_t>
-struct AdamScalars {
-  opmath_t step_size;        // lr / (1 - beta1^t)
-  opmath_t bc2_sqrt;         // sqrt(1 - beta2^t)
-  opmath_t lerp_w;           // 1 - beta1
-  opmath_t beta2;
-  opmath_t one_minus_beta2;  // 1 - beta2
-  opmath_t eps;
-  opmath_t weight_decay;     // coupled (Adam) L2 term
-  opmath_t decay_mul;        // decoupled (AdamW): 1 - lr * weight_decay
-  opmath_t inv_scale;        // mixed precision: grads are unscaled by this first
-  bool amsgrad;
-  bool decoupled;
-  bool unscale;
-};
-
-template <typename scalar_t, typename opmath_t, bool AMSGRAD, bool DECOUPLED, bool UNSCALE>
-inline __attribute__((always_inline)) void adam_body(scalar_t* __restrict p,
-                                                     scalar_t* __restrict g,
-                                                     scalar_t* __restrict m,
-                                                     scalar_t* __restrict v,
-                                                     scalar_t* __restrict vmax, int64_t n,
-                                                     const AdamScalars<opmath_t>& s) {
-  const opmath_t w = s.lerp_w;
-  for (int64_t j = 0; j < n; ++j) {
-    opmath_t pj = static_cast<opmath_t>(p[j]);
-    opmath_t gj = read_grad<UNSCALE, scalar_t, opmath_t>(g[j], s.inv_scale);
-    if (DECOUPLED) {
-      pj = pj * s.decay_mul;
-    } else {
-      gj = gj + s.weight_decay * pj;
-    }
-    opmath_t mj = static_cast<opmath_t>(m[j]);
-    // torch.lerp's two-branch formula, so the first moment rounds as torch's does.
-    mj = (w < opmath_t(0.5)) ? mj + w * (gj - mj) : gj - (gj - mj) * (opmath_t(1) - w);
-    opmath_t vj = static_cast<opmath_t>(v[j]) * s.beta2;
-    vj = vj + s.one_minus_beta2 * gj * gj;
-    opmath_t denom_src = vj;
-    if (AMSGRAD) {
-      opmath_t vm = static_cast<opmath_t>(vmax[j]);
-      vm = (vm > vj || vm != vm) ? vm : vj;  // torch.maximum: NaN wins
-      vmax[j] = static_cast<scalar_t>(vm);
-      denom_src = vm;
-    }
-    const opmath_t denom = std::sqrt(denom_src) / s.bc2_sqrt + s.eps;
-    pj = pj + (-s.step_size) * (mj / denom);
-    p[j] = static_cast<scalar_t>(pj);
-    m[j] = static_cast<scalar_t>(mj);
-    v[j] = static_cast<scalar_t>(vj);
-  }
-}
-
-template <typename scalar_t, typename opmath_t, bool UNSCALE>
-inline __attribute__((always_inline)) void adam_dispatch2(scalar_t* p, scalar_t* g, scalar_t* m,
-                                                          scalar_t* v, scalar_t* vmax, int64_t n,
-                                                          const AdamScalars<opmath_t>& s) {
-  if (s.amsgrad) {
-    if (s.decoupled) adam_body<scalar_t, opmath_t, true, true, UNSCALE>(p, g, m, v, vmax, n, s);
-    else adam_body<scalar_t, opmath_t, true, false, UNSCALE>(p, g, m, v, vmax, n, s);
-  } else {
-    if (s.decoupled) adam_body<scalar_t, opmath_t, false, true, UNSCALE>(p, g, m, v, vmax, n, s);
-    else adam_body<scalar_t, opmath_t, false, false, UNSCALE>(p, g, m, v, vmax, n, s);
-  }
-}
-
-template <typename scalar_t, typename opmath_t>
-inline __attribute__((always_inline)) void adam_dispatch(scalar_t* p, scalar_t* g, scalar_t* m,
-                                                         scalar_t* v, scalar_t* vmax, int64_t n,
-                                                         const AdamScalars<opmath_t>& s) {
-  if (s.unscale) adam_dispatch2<scalar_t, opmath_t, true>(p, g, m, v, vmax, n, s);
-  else adam_dispatch2<scalar_t, opmath_t, false>(p, g, m, v, vmax, n, s);
-}
 
 // float32 is the hot path: compiled once per vector ISA, chosen at load time.
 MB_CLONES void adam_f32(float* p, float* g, float* m, float* v, float* vmax, int64_t n,
@@ -155,22 +81,9 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
         using opmath_t = at::opmath_type<scalar_t>;
         std::vector<AdamScalars<opmath_t>> sc(n);
         for (int64_t i = 0; i < n; ++i) {
-          const double t = step_ptr[i];
-          const double bc1 = 1.0 - std::pow(b1_v[i], t);
-          const double bc2 = 1.0 - std::pow(b2_v[i], t);
-          sc[i] = {static_cast<opmath_t>(lr_v[i] / bc1),
-                   static_cast<opmath_t>(std::sqrt(bc2)),
-                   static_cast<opmath_t>(1.0 - b1_v[i]),
-                   static_cast<opmath_t>(b2_v[i]),
-                   static_cast<opmath_t>(1.0 - b2_v[i]),
-                   static_cast<opmath_t>(eps_v[i]),
-                   static_cast<opmath_t>(decoupled_weight_decay ? 0.0 : wd_v[i]),
-                   static_cast<opmath_t>(1.0 - lr_v[i] * wd_v[i]),
-                   // The float32 inv_scale in opmath, as unscale_grads computes it.
-                   static_cast<opmath_t>(unscale ? inv_v[i] : 1.0f),
-                   ams_v[i] != 0.0,
-                   decoupled_weight_decay,
-                   unscale};
+          sc[i] = adam_scalars<opmath_t>(step_ptr[i], lr_v[i], b1_v[i], b2_v[i], eps_v[i],
+                                         wd_v[i], ams_v[i] != 0.0, decoupled_weight_decay,
+                                         unscale, unscale ? inv_v[i] : 1.0f);
         }
         std::vector<scalar_t*> P, G, M, V, VM;
         for (size_t t = 0; t < params.size(); ++t) {

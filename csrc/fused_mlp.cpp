@@ -46,6 +46,7 @@
 #include <string>
 #include <vector>
 
+#include "adam_math.h"
 #include "gemm_tile.h"
 
 namespace modelbatch {
@@ -325,6 +326,21 @@ struct Problem {
   // Shared input, prepared once: x^T [I0, Bp] and x padded [B, Ip0].
   const float* xt_shared = nullptr;
   const float* xp_shared = nullptr;
+  // fused_mlp_adam_step: the update that follows each model's backward, or null.
+  const struct AdamArgs* adam = nullptr;
+};
+
+// The Adam / AdamW update of fused_mlp_adam_step: per parameter (in the gradient
+// order w0, b0, w1, ...) its [N, ...] param and state pointers and per-model size;
+// per model the hyper-parameters, step count and optional max norm.
+struct AdamArgs {
+  std::vector<float*> p, m, v, vmax;
+  std::vector<int64_t> numel;
+  int64_t per_model = 0;
+  double* steps = nullptr;
+  std::vector<double> lr, beta1, beta2, eps, weight_decay, amsgrad;
+  bool decoupled = false;
+  const float* max_norm = nullptr;
 };
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
@@ -345,6 +361,7 @@ struct Scratch {
   std::unique_ptr<float, AlignedFree> mem;
   std::vector<float*> z, h;
   float *xt, *xp, *g0, *g1, *ta, *stat_m, *stat_s;
+  float* grad;  // one model's gradients (fused_mlp_adam_step), else unused
 };
 
 template <int L>
@@ -358,9 +375,10 @@ Scratch make_scratch(const Problem& p) {
     total += l.out * Bp * (l.act == kIdentity ? 1 : 2);
   }
   const int64_t nxt = p.shared_x ? 0 : I0 * Bp, nxp = p.shared_x ? 0 : p.B * Ip0;
-  total += nxt + nxp + 2 * gmax * Bp + p.B * ipmax + 2 * Bp;
+  const int64_t ngrad = p.adam ? p.adam->per_model : 0;
+  total += nxt + nxp + 2 * gmax * Bp + p.B * ipmax + 2 * Bp + ngrad;
   Scratch s;
-  s.mem = zeroed(total + 16 * (2 * nl + 8));
+  s.mem = zeroed(total + 16 * (2 * nl + 9));
   float* q = s.mem.get();
   auto take = [&](int64_t n) {
     float* r = q;
@@ -379,7 +397,7 @@ Scratch make_scratch(const Problem& p) {
   s.ta = take(p.B * ipmax);
   s.stat_m = take(Bp);
   s.stat_s = take(Bp);
-  (void)nl;
+  s.grad = take(ngrad);
   return s;
 }
 
@@ -460,7 +478,8 @@ MB_INLINE float loss_and_grad(const Problem& p, int64_t n, const float* out, int
 
 // Forward, loss and backward of model n.
 template <typename KS, int L = KS::kL>
-MB_INLINE void one_model(const Problem& p, int64_t n, Scratch& s) {
+MB_INLINE void one_model(const Problem& p, int64_t n, Scratch& s, float* const* gw,
+                         float* const* gb) {
   const int64_t B = p.B, Bp = p.Bp, nl = int64_t(p.layers.size());
   const Layer& first = p.layers[0];
   const int64_t I0 = first.in, Ip0 = round_up(I0, L);
@@ -500,7 +519,7 @@ MB_INLINE void one_model(const Problem& p, int64_t n, Scratch& s) {
     const Layer& ly = p.layers[l];
     const int64_t O = ly.out, I = ly.in;
     if (ly.act != kIdentity) act_backward<L>(ly.act, s.z[l], s.h[l], g, O * Bp);
-    if (ly.gb) row_sums<L>(g, O, Bp, ly.gb + n * O);
+    if (gb[l]) row_sums<L>(g, O, Bp, gb[l]);
     const float* ab = xp;  // this layer's input, batch-major
     int64_t ldab = ldxp;
     if (l > 0) {
@@ -509,7 +528,7 @@ MB_INLINE void one_model(const Problem& p, int64_t n, Scratch& s) {
       ab = s.ta;
       ldab = Ip;
     }
-    gemm<KS>(O, B, g, Bp, 1, ab, ldab, ly.gw + n * O * I, I, I, nullptr);
+    gemm<KS>(O, B, g, Bp, 1, ab, ldab, gw[l], I, I, nullptr);
     if (l > 0) {
       const float* w = ly.w + n * O * I;
       gemm<KS>(I, O, w, 1, I, g, Bp, g_next, Bp, Bp, nullptr);
@@ -518,10 +537,57 @@ MB_INLINE void one_model(const Problem& p, int64_t n, Scratch& s) {
   }
 }
 
+// Model n's update from its gradients in s.grad: skipped (state and step count
+// untouched) when its loss or gradient norm is not finite; with a max norm the
+// gradients are scaled by min(max_norm / (norm + 1e-6), 1) first, as
+// TrainStep's clipping does.
+MB_INLINE void adam_model(const Problem& p, int64_t n, Scratch& s) {
+  const AdamArgs& a = *p.adam;
+  float* g = s.grad;
+  bool skip = !std::isfinite(p.losses[n]);
+  if (a.max_norm) {
+    double sq = 0.0;
+    for (int64_t i = 0; i < a.per_model; ++i) sq += double(g[i]) * double(g[i]);
+    const float norm = float(std::sqrt(sq));
+    skip = skip || !std::isfinite(norm);
+    const float coef = std::min(a.max_norm[n] / (norm + 1e-6f), 1.0f);
+    for (int64_t i = 0; i < a.per_model; ++i) g[i] *= coef;
+  }
+  if (skip) return;
+  a.steps[n] += 1.0;
+  const AdamScalars<float> sc =
+      adam_scalars<float>(a.steps[n], a.lr[n], a.beta1[n], a.beta2[n], a.eps[n],
+                          a.weight_decay[n], a.amsgrad[n] != 0.0, a.decoupled, false, 1.0f);
+  for (size_t k = 0; k < a.p.size(); ++k) {
+    const int64_t e = a.numel[k], o = n * e;
+    adam_dispatch<float, float>(a.p[k] + o, g, a.m[k] + o, a.v[k] + o,
+                                a.vmax[k] ? a.vmax[k] + o : nullptr, e, sc);
+    g += e;
+  }
+}
+
 template <typename KS>
 MB_INLINE void run_range(const Problem& p, int64_t n0, int64_t n1) {
   Scratch s = make_scratch<KS::kL>(p);
-  for (int64_t n = n0; n < n1; ++n) one_model<KS>(p, n, s);
+  const size_t nl = p.layers.size();
+  std::vector<float*> gw(nl), gb(nl);
+  for (int64_t n = n0; n < n1; ++n) {
+    float* g = s.grad;
+    for (size_t l = 0; l < nl; ++l) {
+      const Layer& ly = p.layers[l];
+      if (p.adam) {  // into the scratch, in the gradient order
+        gw[l] = g;
+        g += ly.out * ly.in;
+        gb[l] = ly.b ? g : nullptr;
+        g += ly.b ? ly.out : 0;
+      } else {
+        gw[l] = ly.gw + n * ly.out * ly.in;
+        gb[l] = ly.gb ? ly.gb + n * ly.out : nullptr;
+      }
+    }
+    one_model<KS>(p, n, s, gw.data(), gb.data());
+    if (p.adam) adam_model(p, n, s);
+  }
 }
 
 // The kernels of one ISA: the tiles of each width, and the loop over models.
@@ -574,76 +640,94 @@ void check_float(const at::Tensor& t, const char* what) {
               " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> fused_mlp_loss_grad_cpu(
-    const at::Tensor& x_in, const at::Tensor& target_in, at::TensorList weights,
-    const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef activations,
-    int64_t loss, int64_t ignore_index, const c10::optional<at::Tensor>& grad_scale) {
+// One call's problem and the tensors its pointers refer to.
+struct Prepared {
+  Problem p;
+  std::vector<at::Tensor> keep;   // contiguous inputs the pointers refer to
+  std::vector<at::Tensor> grads;  // fused_mlp_loss_grad's outputs
+  at::Tensor x, target, scale, losses, xt_shared, xp_shared;
+};
+
+// Checks the arguments and fills P. in_place: the weights and biases are updated
+// where they are (fused_mlp_adam_step), so they must be contiguous; otherwise
+// gradient outputs are allocated.
+void prepare(Prepared& P, const char* op, const at::Tensor& x_in, const at::Tensor& target_in,
+             const std::vector<at::Tensor>& weights,
+             const std::vector<c10::optional<at::Tensor>>& biases,
+             at::IntArrayRef activations, int64_t loss, int64_t ignore_index,
+             const c10::optional<at::Tensor>& grad_scale, bool in_place) {
   const int64_t nl = int64_t(weights.size());
-  TORCH_CHECK(nl >= 1, kOp, ": needs at least one layer");
-  TORCH_CHECK(int64_t(biases.size()) == nl && int64_t(activations.size()) == nl, kOp,
+  TORCH_CHECK(nl >= 1, op, ": needs at least one layer");
+  TORCH_CHECK(int64_t(biases.size()) == nl && int64_t(activations.size()) == nl, op,
               ": weights, biases and activations must have one entry per layer, got ", nl,
               ", ", biases.size(), " and ", activations.size());
-  TORCH_CHECK(loss == kCrossEntropy || loss == kMse, kOp, ": loss must be 0 (cross-entropy) ",
+  TORCH_CHECK(loss == kCrossEntropy || loss == kMse, op, ": loss must be 0 (cross-entropy) ",
               "or 1 (mse), got ", loss);
   check_float(x_in, "x");
-  Problem p;
+  Problem& p = P.p;
   const at::Tensor& w0 = weights[0];
-  TORCH_CHECK(w0.dim() == 3, kOp, ": weights must be [N, out, in], got ", w0.sizes());
+  TORCH_CHECK(w0.dim() == 3, op, ": weights must be [N, out, in], got ", w0.sizes());
   p.N = w0.size(0);
   p.shared_x = x_in.dim() == 2;
-  TORCH_CHECK(x_in.dim() == 2 || (x_in.dim() == 3 && x_in.size(0) == p.N), kOp,
+  TORCH_CHECK(x_in.dim() == 2 || (x_in.dim() == 3 && x_in.size(0) == p.N), op,
               ": x must be [B, in] (shared) or [N, B, in] with N = ", p.N, ", got ",
               x_in.sizes());
-  const at::Tensor x = x_in.contiguous();
+  P.x = x_in.contiguous();
+  const at::Tensor& x = P.x;
   p.B = x.size(-2);
-  TORCH_CHECK(p.B >= 1, kOp, ": empty batch");
-  TORCH_CHECK(x.size(-1) == w0.size(2), kOp, ": x has ", x.size(-1), " features, the first ",
+  TORCH_CHECK(p.B >= 1, op, ": empty batch");
+  TORCH_CHECK(x.size(-1) == w0.size(2), op, ": x has ", x.size(-1), " features, the first ",
               "layer takes ", w0.size(2));
-  std::vector<at::Tensor> keep;  // contiguous copies that the pointers refer to
-  std::vector<at::Tensor> grads;
+  auto use = [&](const at::Tensor& t, const char* what, int64_t l) -> float* {
+    TORCH_CHECK(!in_place || t.is_contiguous(), op, ": ", what, " ", l,
+                " must be contiguous (it is updated in place)");
+    P.keep.push_back(t.contiguous());
+    return P.keep.back().data_ptr<float>();
+  };
   int64_t prev = w0.size(2);
   for (int64_t l = 0; l < nl; ++l) {
     const at::Tensor& w = weights[l];
     check_float(w, "every weight");
-    TORCH_CHECK(w.dim() == 3 && w.size(0) == p.N && w.size(2) == prev, kOp, ": weight ", l,
+    TORCH_CHECK(w.dim() == 3 && w.size(0) == p.N && w.size(2) == prev, op, ": weight ", l,
                 " must be [", p.N, ", out, ", prev, "], got ", w.sizes());
     const int64_t act = activations[l];
-    TORCH_CHECK(act >= 0 && act < kNumActs, kOp, ": unknown activation code ", act);
+    TORCH_CHECK(act >= 0 && act < kNumActs, op, ": unknown activation code ", act);
     Layer ly{w.size(2), w.size(1), act, nullptr, nullptr, nullptr, nullptr};
-    keep.push_back(w.contiguous());
-    ly.w = keep.back().data_ptr<float>();
-    at::Tensor gw = at::empty_like(keep.back());
-    ly.gw = gw.data_ptr<float>();
-    grads.push_back(gw);
-    const c10::optional<at::Tensor> b = biases.get(l);
+    ly.w = use(w, "weight", l);
+    if (!in_place) {
+      P.grads.push_back(at::empty_like(P.keep.back()));
+      ly.gw = P.grads.back().data_ptr<float>();
+    }
+    const c10::optional<at::Tensor>& b = biases[l];
     if (b.has_value() && b->defined()) {
       check_float(*b, "every bias");
-      TORCH_CHECK(b->dim() == 2 && b->size(0) == p.N && b->size(1) == ly.out, kOp, ": bias ",
+      TORCH_CHECK(b->dim() == 2 && b->size(0) == p.N && b->size(1) == ly.out, op, ": bias ",
                   l, " must be [", p.N, ", ", ly.out, "], got ", b->sizes());
-      keep.push_back(b->contiguous());
-      ly.b = keep.back().data_ptr<float>();
-      at::Tensor gb = at::empty_like(keep.back());
-      ly.gb = gb.data_ptr<float>();
-      grads.push_back(gb);
+      ly.b = use(*b, "bias", l);
+      if (!in_place) {
+        P.grads.push_back(at::empty_like(P.keep.back()));
+        ly.gb = P.grads.back().data_ptr<float>();
+      }
     }
     p.layers.push_back(ly);
     prev = ly.out;
   }
   const int64_t C = prev;
-  at::Tensor target = target_in.contiguous();
+  P.target = target_in.contiguous();
+  const at::Tensor& target = P.target;
   if (loss == kCrossEntropy) {
-    TORCH_CHECK(target.scalar_type() == at::kLong && target.device().is_cpu(), kOp,
+    TORCH_CHECK(target.scalar_type() == at::kLong && target.device().is_cpu(), op,
                 ": cross-entropy targets must be int64 class indices on the CPU, got ",
                 target.scalar_type());
     TORCH_CHECK((target.dim() == 1 && target.size(0) == p.B) ||
                     (target.dim() == 2 && target.size(0) == p.N && target.size(1) == p.B),
-                kOp, ": cross-entropy targets must be [B] or [N, B] with B = ", p.B, ", N = ",
+                op, ": cross-entropy targets must be [B] or [N, B] with B = ", p.B, ", N = ",
                 p.N, ", got ", target.sizes());
     p.shared_t = target.dim() == 1;
     p.t_cls = target.data_ptr<int64_t>();
     const int64_t* t = p.t_cls;
     for (int64_t i = 0, e = target.numel(); i < e; ++i) {
-      TORCH_CHECK(t[i] == ignore_index || (t[i] >= 0 && t[i] < C), kOp, ": target ", t[i],
+      TORCH_CHECK(t[i] == ignore_index || (t[i] >= 0 && t[i] < C), op, ": target ", t[i],
                   " is out of bounds for ", C, " classes");
     }
     p.t_reg = nullptr;
@@ -652,7 +736,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_mlp_loss_grad_cpu(
     TORCH_CHECK((target.dim() == 2 && target.size(0) == p.B && target.size(1) == C) ||
                     (target.dim() == 3 && target.size(0) == p.N && target.size(1) == p.B &&
                      target.size(2) == C),
-                kOp, ": mse targets must be [B, ", C, "] or [N, B, ", C, "], got ",
+                op, ": mse targets must be [B, ", C, "] or [N, B, ", C, "], got ",
                 target.sizes());
     p.shared_t = target.dim() == 2;
     p.t_reg = target.data_ptr<float>();
@@ -660,30 +744,34 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_mlp_loss_grad_cpu(
   }
   p.loss = loss;
   p.ignore_index = ignore_index;
-  at::Tensor scale;
   p.scale = nullptr;
   if (grad_scale.has_value() && grad_scale->defined()) {
-    scale = grad_scale->to(at::kFloat).contiguous();
-    TORCH_CHECK(scale.device().is_cpu() && scale.numel() == p.N, kOp,
-                ": grad_scale must hold N = ", p.N, " values on the CPU, got ", scale.sizes());
-    p.scale = scale.data_ptr<float>();
+    P.scale = grad_scale->to(at::kFloat).contiguous();
+    TORCH_CHECK(P.scale.device().is_cpu() && P.scale.numel() == p.N, op,
+                ": grad_scale must hold N = ", p.N, " values on the CPU, got ",
+                P.scale.sizes());
+    p.scale = P.scale.data_ptr<float>();
   }
-  at::Tensor losses = at::empty({p.N}, x.options());
-  p.losses = losses.data_ptr<float>();
+  P.losses = at::empty({p.N}, x.options());
+  p.losses = P.losses.data_ptr<float>();
   p.x = x.data_ptr<float>();
-  if (p.N == 0) return {losses, grads};
+}
 
+// Runs every model of a prepared problem over the threads.
+void launch(Prepared& P) {
+  Problem& p = P.p;
+  if (p.N == 0) return;
   const int L = lanes();
   p.Bp = round_up(p.B, L);
-  at::Tensor xt_shared, xp_shared;
   if (p.shared_x) {
+    const at::Tensor& x = P.x;
     const int64_t I0 = p.layers[0].in, Ip0 = round_up(I0, L);
-    xt_shared = at::zeros({I0, p.Bp}, x.options());
-    xt_shared.narrow(1, 0, p.B).copy_(x.t());
-    xp_shared = at::zeros({p.B, Ip0}, x.options());
-    xp_shared.narrow(1, 0, I0).copy_(x);
-    p.xt_shared = xt_shared.data_ptr<float>();
-    p.xp_shared = xp_shared.data_ptr<float>();
+    P.xt_shared = at::zeros({I0, p.Bp}, x.options());
+    P.xt_shared.narrow(1, 0, p.B).copy_(x.t());
+    P.xp_shared = at::zeros({p.B, Ip0}, x.options());
+    P.xp_shared.narrow(1, 0, I0).copy_(x);
+    p.xt_shared = P.xt_shared.data_ptr<float>();
+    p.xp_shared = P.xp_shared.data_ptr<float>();
   }
   at::parallel_for(0, p.N, 1, [&](int64_t n0, int64_t n1) {
 #if MB_FUSED_X86
@@ -692,13 +780,98 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_mlp_loss_grad_cpu(
 #endif
     Generic::run(p, n0, n1);
   });
-  return {losses, grads};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> fused_mlp_loss_grad_cpu(
+    const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
+    const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef activations,
+    int64_t loss, int64_t ignore_index, const c10::optional<at::Tensor>& grad_scale) {
+  Prepared P;
+  std::vector<c10::optional<at::Tensor>> bs;
+  for (size_t l = 0; l < biases.size(); ++l) bs.push_back(biases.get(l));
+  prepare(P, kOp, x, target, weights.vec(), bs, activations, loss, ignore_index, grad_scale,
+          false);
+  launch(P);
+  return {P.losses, P.grads};
+}
+
+// modelbatch::fused_mlp_adam_step: fused_mlp_loss_grad followed, model by model while
+// its gradients are in the cache, by clipping (optional max_norm [N]) and the
+// Adam / AdamW update of modelbatch::adam_step (same hyper-parameter tensors, step
+// counts and skip rule: a model whose loss or gradient norm is not finite keeps its
+// parameters, state and step count). params are w0, b0, w1, b1, ... with biased[l]
+// saying whether layer l has a bias; returns the losses [N].
+at::Tensor fused_mlp_adam_step_cpu(
+    const at::Tensor& x, const at::Tensor& target, at::TensorList params, at::IntArrayRef biased,
+    at::IntArrayRef activations, int64_t loss, int64_t ignore_index, at::TensorList exp_avgs,
+    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, const at::Tensor& steps,
+    const at::Tensor& lr, const at::Tensor& beta1, const at::Tensor& beta2,
+    const at::Tensor& eps, const at::Tensor& weight_decay, const at::Tensor& amsgrad,
+    bool decoupled_weight_decay, const c10::optional<at::Tensor>& max_norm) {
+  constexpr const char* op = "modelbatch::fused_mlp_adam_step";
+  std::vector<at::Tensor> ws;
+  std::vector<c10::optional<at::Tensor>> bs;
+  size_t k = 0;
+  for (int64_t has_bias : biased) {
+    TORCH_CHECK(k < params.size(), op, ": params has fewer tensors than biased describes");
+    ws.push_back(params[k++]);
+    if (has_bias) {
+      TORCH_CHECK(k < params.size(), op, ": params has fewer tensors than biased describes");
+      bs.push_back(params[k++]);
+    } else {
+      bs.push_back(c10::nullopt);
+    }
+  }
+  TORCH_CHECK(k == params.size(), op, ": params has ", params.size(),
+              " tensors, biased describes ", k);
+  Prepared P;
+  prepare(P, op, x, target, ws, bs, activations, loss, ignore_index, c10::nullopt, true);
+  const int64_t n = check_params(params, steps, op);
+  check_like(params, exp_avgs, op, "exp_avgs", n);
+  check_like(params, exp_avg_sqs, op, "exp_avg_sqs", n);
+  AdamArgs a;
+  a.lr = hparam(lr, n, op, "lr");
+  a.beta1 = hparam(beta1, n, op, "beta1");
+  a.beta2 = hparam(beta2, n, op, "beta2");
+  a.eps = hparam(eps, n, op, "eps");
+  a.weight_decay = hparam(weight_decay, n, op, "weight_decay");
+  a.amsgrad = hparam(amsgrad, n, op, "amsgrad");
+  bool any_ams = false;
+  for (double v : a.amsgrad) any_ams = any_ams || v != 0.0;
+  if (any_ams) check_like(params, max_exp_avg_sqs, op, "max_exp_avg_sqs", n);
+  TORCH_CHECK(steps.device().is_cpu() && steps.scalar_type() == at::kDouble &&
+                  steps.is_contiguous(),
+              op, ": steps must be a contiguous float64 CPU tensor");
+  a.steps = steps.data_ptr<double>();
+  a.decoupled = decoupled_weight_decay;
+  at::Tensor mn;
+  if (max_norm.has_value() && max_norm->defined()) {
+    mn = max_norm->to(at::kFloat).contiguous();
+    TORCH_CHECK(mn.device().is_cpu() && mn.numel() == n, op, ": max_norm must hold N = ", n,
+                " values on the CPU, got ", mn.sizes());
+    a.max_norm = mn.data_ptr<float>();
+  }
+  for (size_t t = 0; t < params.size(); ++t) {
+    TORCH_CHECK(exp_avgs[t].is_contiguous() && exp_avg_sqs[t].is_contiguous() &&
+                    (!any_ams || max_exp_avg_sqs[t].is_contiguous()),
+                op, ": the optimizer state must be contiguous");
+    a.p.push_back(params[t].data_ptr<float>());
+    a.m.push_back(exp_avgs[t].data_ptr<float>());
+    a.v.push_back(exp_avg_sqs[t].data_ptr<float>());
+    a.vmax.push_back(any_ams ? max_exp_avg_sqs[t].data_ptr<float>() : nullptr);
+    a.numel.push_back(n ? params[t].numel() / n : 0);
+    a.per_model += a.numel.back();
+  }
+  P.p.adam = &a;
+  launch(P);
+  return P.losses;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(modelbatch, CPU, m) {
   m.impl("fused_mlp_loss_grad", &fused_mlp_loss_grad_cpu);
+  m.impl("fused_mlp_adam_step", &fused_mlp_adam_step_cpu);
 }
 
 }  // namespace modelbatch

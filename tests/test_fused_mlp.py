@@ -187,6 +187,65 @@ def test_bad_input_says_what_was_expected():
         op(x, torch.randn(8, 2), ws, bs, acts, 1, -100, None)
 
 
+@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("clip", [False, True])
+def test_adam_step_op_matches_its_parts(clip, decoupled):
+    """fused_mlp_adam_step = fused_mlp_loss_grad + clipping + adam_step, with per-model
+    hyper-parameters, amsgrad on some models and a model whose loss is NaN (skipped:
+    parameters, state and step count untouched)."""
+    n = 5
+    x, t, ws, bs, acts = problem(n, 13, [7, 19, 9, 4], [1, 6, 0], 0, bias=[True, False, True])
+    params = [ws[0], bs[0], ws[1], ws[2], bs[2]]
+    with torch.no_grad():
+        params[0][2, 0, 0] = float("nan")  # model 2: NaN loss
+    biased = [1, 0, 1]
+    hp = {
+        "lr": torch.logspace(-3, -1, n, dtype=torch.float64),
+        "beta1": torch.full((n,), 0.9, dtype=torch.float64),
+        "beta2": torch.tensor([0.999, 0.99, 0.95, 0.9, 0.999], dtype=torch.float64),
+        "eps": torch.full((n,), 1e-8, dtype=torch.float64),
+        "weight_decay": torch.tensor([0, 0.01, 0.1, 0, 0.05], dtype=torch.float64),
+        "amsgrad": torch.tensor([0, 1, 0, 1, 0], dtype=torch.float64),
+    }
+    runs = []
+    for fn in (torch.ops.modelbatch.fused_mlp_adam_step, fm.adam_step_reference):
+        ps = [p.clone() for p in params]
+        m = [torch.full_like(p, 0.01) for p in params]
+        v = [torch.full_like(p, 1e-4) for p in params]
+        vmax = [torch.full_like(p, 2e-4) for p in params]
+        steps = torch.tensor([0.0, 3.0, 1.0, 5.0, 2.0], dtype=torch.float64)
+        max_norm = torch.tensor([0.01, 0.1, 1.0, 10.0, 0.5]) if clip else None
+        for _ in range(3):
+            losses = fn(x, t, ps, biased, acts, 0, -100, m, v, vmax, steps, hp["lr"],
+                        hp["beta1"], hp["beta2"], hp["eps"], hp["weight_decay"],
+                        hp["amsgrad"], decoupled, max_norm)  # fmt: skip
+        runs.append((losses, ps, m, v, vmax, steps))
+    (l1, *a), (l2, *b) = runs
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert torch.isnan(l1[2])
+    for xs, ys in zip(a[:-1], b[:-1]):
+        for u, w in zip(xs, ys):
+            torch.testing.assert_close(u, w, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert torch.equal(a[-1], b[-1]) and a[-1].tolist() == [3.0, 6.0, 1.0, 8.0, 5.0]
+    assert torch.equal(a[0][1][2], params[1][2])  # the NaN model kept its bias
+
+
+def test_adam_step_op_says_what_was_expected():
+    x, t, ws, bs, acts = problem(2, 4, [3, 5, 2], [1, 0], 0)
+    params = [ws[0], bs[0], ws[1], bs[1]]
+    st = [torch.zeros_like(p) for p in params]
+    hp = [torch.full((2,), v, dtype=torch.float64) for v in (1e-3, 0.9, 0.999, 1e-8, 0, 0)]
+    steps = torch.zeros(2, dtype=torch.float64)
+    op = torch.ops.modelbatch.fused_mlp_adam_step
+    with pytest.raises(RuntimeError, match="params has 4 tensors, biased describes 3"):
+        op(x, t, params, [1, 0], acts, 0, -100, st, st, [], steps, *hp, False, None)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        strided = [ws[0].transpose(1, 2).contiguous().transpose(1, 2), *params[1:]]
+        op(x, t, strided, [1, 1], acts, 0, -100, st, st, [], steps, *hp, False, None)
+    with pytest.raises(RuntimeError, match="max_norm must hold N = 2"):
+        op(x, t, params, [1, 1], acts, 0, -100, st, st, [], steps, *hp, False, torch.ones(3))
+
+
 # ---------------------------------------------------------------------------
 # Which models the kernel covers
 
@@ -320,6 +379,26 @@ def test_fused_per_model_inputs_mse_sgd_clipping_and_scaler_equal_the_eager_step
     torch.testing.assert_close(scaler.get_scale(), ref_scaler.get_scale())
 
 
+def test_fused_adam_with_clipping_and_amsgrad_equals_the_general_step():
+    ms = models(4)
+    batch, ref = mb.ModelBatch(ms, seeds=0), mb.ModelBatch(copy.deepcopy(ms), seeds=0)
+    kw = {"lr": LRS, "amsgrad": [False, True, False, True], "weight_decay": 0.01}
+    opt, ref_opt = mb.optim.Adam(batch, **kw), mb.optim.Adam(ref, **kw)
+    clip = [0.01, 0.1, 1.0, 10.0]
+    step = TrainStep(batch, opt, F.cross_entropy, max_grad_norm=clip)
+    general = TrainStep(ref, ref_opt, F.cross_entropy, max_grad_norm=clip, fused=False)
+    assert step._fused_adam and general._plan is None
+    for x, y in data(6):
+        torch.testing.assert_close(step(x, y), general(x, y), rtol=1e-5, atol=1e-6)
+    for (k, v), w in zip(batch.state_dict().items(), ref.state_dict().values()):
+        if torch.is_tensor(v):
+            torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-6, msg=k)
+    for a, b in zip(opt.state.values(), ref_opt.state.values()):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert torch.equal(opt.steps, ref_opt.steps)
+
+
 def test_fused_step_is_one_graph_and_never_recompiles():
     batch = mb.ModelBatch(models())
     opt = mb.optim.Adam(batch, lr=LRS)
@@ -332,7 +411,7 @@ def test_fused_step_is_one_graph_and_never_recompiles():
     )
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained
     ops = [str(n.target) for g in explained.graphs for n in g.graph.nodes]
-    assert "modelbatch.fused_mlp_loss_grad" in ops
+    assert "modelbatch.fused_mlp_adam_step" in ops  # Adam: the update inside the kernel
     step(x, y)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for i, (x, y) in enumerate(rest):

@@ -44,6 +44,7 @@ from modelbatch.interception import ModelBatchMode
 from modelbatch.ops import dropout as dropout_op
 from modelbatch.ops import fused_mlp
 from modelbatch.optim._base import FusedOptimizer, per_model
+from modelbatch.optim.adam import Adam
 from modelbatch.rng import PhiloxStreams
 
 __all__ = ["TrainStep"]
@@ -174,6 +175,15 @@ class TrainStep:
         self._extra = optimizer._extra_state()
         self._buckets = self._make_buckets()
         self._plan, self._fused_order = self._fused_plan(fused)
+        # Adam / AdamW without a loss scaler: the update runs inside the fused kernel,
+        # model by model, while each model's gradients are in the cache.
+        self._fused_adam = (
+            self._plan is not None
+            and isinstance(optimizer, Adam)
+            and scaler is None
+            and len(self._buckets) == 1
+            and None not in self._fused_order
+        )
         if cuda_graphs is True and not (compile and self._device.type == "cuda"):
             raise ValueError("cuda_graphs=True needs compile=True and a CUDA ModelBatch")
         use_graphs = bool(compile) and self._device.type == "cuda" and cuda_graphs is not False
@@ -233,6 +243,8 @@ class TrainStep:
         return ok and x.device == self._device == targets.device
 
     def _fused_step(self, x, targets, hp, buckets, max_norm):
+        if self._fused_adam:
+            return self._fused_adam_step(x, targets, hp, buckets, max_norm)
         scaler = self.scaler
         scaling = scaler is not None and scaler._enabled
         losses, grads = fused_mlp.call(
@@ -247,6 +259,38 @@ class TrainStep:
             if k is not None:
                 by_param[k] = g
         return self._update(losses, by_param, hp, buckets, max_norm)
+
+    def _fused_adam_step(self, x, targets, hp, buckets, max_norm):
+        plan, opt = self._plan, self.optimizer
+        idx, states = buckets[0]
+        pos = {k: i for i, k in enumerate(idx)}
+        order = self._fused_order
+        state = [[lst[pos[k]] for k in order] if lst else [] for lst in states]
+        # no_grad: an in-place update of leaves that require grad would make the
+        # compiler clone every parameter around the op.
+        with torch.no_grad():
+            losses = torch.ops.modelbatch.fused_mlp_adam_step(
+                x,
+                targets,
+                [self._params[k] for k in order],
+                [int(b is not None) for b in plan.biases],
+                list(plan.activations),
+                plan.loss,
+                plan.ignore_index,
+                state[0],
+                state[1],
+                state[2],
+                opt.steps,
+                hp["lr"],
+                hp["beta1"],
+                hp["beta2"],
+                hp["eps"],
+                hp["weight_decay"],
+                hp["amsgrad"],
+                opt._decoupled,
+                max_norm,
+            )
+        return losses.detach()
 
     def _compiled(self, fn):
         if not self.compiled:
@@ -327,12 +371,14 @@ class TrainStep:
         aten ops under vmap (inductor fuses their bias, activation and loss
         arithmetic around its GEMMs: 1.0-1.35x faster than routing them to
         modelbatch's ops, benchmarks/results/cpu/bench.md), except under autocast,
-        where the routed ops give each model autocast's own per-model dtypes."""
+        where the routed ops give each model autocast's own per-model dtypes.
+        Convolutions and batch norms are routed on the CPU (``route_conv``) unless
+        the batch was built with ``intercept=False``."""
         batch = self.batch
         if not self.compiled or self.autocast is not None:
             return batch._interception(rng=rng)
         streams = batch._streams() if rng and batch.rng is not None else None
-        return ModelBatchMode(route_ops=False, rng=streams)
+        return ModelBatchMode(route_ops=False, rng=streams, route_conv=batch.intercept)
 
     def _forward_traced_streams(self, params, buffers, args):
         """The vectorised forward with each model's Philox stream as a traceable input:
@@ -347,7 +393,7 @@ class TrainStep:
         def one(p, b, seed, offset, a):
             streams = _TracedPhilox(seed, offset)
             holder.append(streams)
-            with ModelBatchMode(route_ops=route, rng=streams):
+            with ModelBatchMode(route_ops=route, rng=streams, route_conv=batch.intercept):
                 return batch._call_one(p, b, a, {})
 
         dim = None if batch.shared_input else 0

@@ -55,4 +55,11 @@ SCHEMAS = {
         "int[] activations, int loss, int ignore_index, Tensor? grad_scale) -> "
         "(Tensor, Tensor[])"
     ),
+    "fused_mlp_adam_step": (
+        "fused_mlp_adam_step(Tensor x, Tensor target, Tensor(a!)[] params, int[] biased, "
+        "int[] activations, int loss, int ignore_index, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!) steps, Tensor lr, "
+        "Tensor beta1, Tensor beta2, Tensor eps, Tensor weight_decay, Tensor amsgrad, "
+        "bool decoupled_weight_decay, Tensor? max_norm) -> Tensor"
+    ),
 }

@@ -20,6 +20,12 @@ their epilogues, forward and backward (:func:`linear_act_chain`; sigmoid models
 run the reference). Without ``modelbatch._C`` the pure-torch :func:`reference`
 runs: ``vmap`` over ``torch.func.grad_and_value`` of the same MLP.
 
+``modelbatch::fused_mlp_adam_step`` goes on to clip and update each model with
+Adam / AdamW while its gradients are still in the cache (the same hyper-parameter
+tensors, step counts and skip rule as ``modelbatch::adam_step``; a model whose loss
+or gradient norm is not finite is left as it was): the gradients never reach
+memory. :func:`adam_step_reference` is the same as its parts.
+
 ``MODELBATCH_FUSED_MLP_ISA=avx2`` or ``=generic`` (read per call) limits the CPU
 kernel to AVX2 or to its generic 128-bit kernels, for tests and benchmarks.
 """
@@ -187,10 +193,54 @@ def _cuda(x, target, weights, biases, activations, loss, ignore_index, grad_scal
     return reference(x, target, weights, biases, activations, loss, ignore_index, grad_scale)
 
 
+def split_params(params: list[Tensor], biased: list[int]):
+    """``(weights, biases)`` from the flat ``w0, b0, w1, ...`` list of the Adam op."""
+    it = iter(params)
+    weights, biases = [], []
+    for has_bias in biased:
+        weights.append(next(it))
+        biases.append(next(it) if has_bias else None)
+    return weights, biases
+
+
+def adam_step_reference(
+    x, target, params, biased, activations, loss, ignore_index, exp_avgs, exp_avg_sqs,
+    max_exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, amsgrad,
+    decoupled_weight_decay, max_norm,
+):  # fmt: skip
+    """``fused_mlp_adam_step`` as its parts (and its non-CPU kernel): the loss and
+    gradients, clipping by ``max_norm``, then ``modelbatch::adam_step`` with the
+    models whose loss or gradient norm is not finite skipped."""
+    weights, biases = split_params(params, biased)
+    losses, grads = torch.ops.modelbatch.fused_mlp_loss_grad(
+        x, target, weights, biases, activations, loss, ignore_index, None
+    )
+    n = steps.shape[0]
+    found = (~torch.isfinite(losses)).float()
+    if max_norm is not None:
+        norms = torch.stack([torch.linalg.vector_norm(g.reshape(n, -1), dim=1) for g in grads], 1)
+        total = torch.linalg.vector_norm(norms, dim=1)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        grads = [g * coef.to(g.dtype).view((n,) + (1,) * (g.dim() - 1)) for g in grads]
+        found = torch.maximum(found, (~torch.isfinite(total)).float())
+    torch.ops.modelbatch.adam_step(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
+        weight_decay, amsgrad, decoupled_weight_decay, None, found,
+    )  # fmt: skip
+    return losses
+
+
+def _fake_adam(x, target, params, *args):
+    return x.new_empty((params[0].shape[0],))
+
+
 torch.library.register_fake("modelbatch::fused_mlp_loss_grad")(_fake)
+torch.library.register_fake("modelbatch::fused_mlp_adam_step")(_fake_adam)
 IMPL.impl("fused_mlp_loss_grad", _cuda, "CUDA")
+IMPL.impl("fused_mlp_adam_step", adam_step_reference, "CUDA")
 if not _backend.c_extension_loaded():
     IMPL.impl("fused_mlp_loss_grad", reference, "CPU")
+    IMPL.impl("fused_mlp_adam_step", adam_step_reference, "CPU")
 
 
 # ---------------------------------------------------------------------------

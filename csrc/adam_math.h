@@ -31,7 +31,11 @@ struct AdamScalars {
   bool unscale;
 };
 
-template <typename scalar_t, typename opmath_t, bool AMSGRAD, bool DECOUPLED, bool UNSCALE>
+// RECIP: s.bc2_sqrt holds 1 / sqrt(1 - beta2^t) and multiplies instead of dividing
+// (the fused MLP step, where the two divisions per element bound the update; the
+// denominator then differs from torch's by at most an ulp).
+template <typename scalar_t, typename opmath_t, bool AMSGRAD, bool DECOUPLED, bool UNSCALE,
+          bool RECIP = false>
 inline __attribute__((always_inline)) void adam_body(scalar_t* __restrict p,
                                                      scalar_t* __restrict g,
                                                      scalar_t* __restrict m,
@@ -59,7 +63,8 @@ inline __attribute__((always_inline)) void adam_body(scalar_t* __restrict p,
       vmax[j] = static_cast<scalar_t>(vm);
       denom_src = vm;
     }
-    const opmath_t denom = std::sqrt(denom_src) / s.bc2_sqrt + s.eps;
+    const opmath_t root = std::sqrt(denom_src);
+    const opmath_t denom = (RECIP ? root * s.bc2_sqrt : root / s.bc2_sqrt) + s.eps;
     pj = pj + (-s.step_size) * (mj / denom);
     p[j] = static_cast<scalar_t>(pj);
     m[j] = static_cast<scalar_t>(mj);
@@ -67,25 +72,25 @@ inline __attribute__((always_inline)) void adam_body(scalar_t* __restrict p,
   }
 }
 
-template <typename scalar_t, typename opmath_t, bool UNSCALE>
+template <typename scalar_t, typename opmath_t, bool UNSCALE, bool RECIP = false>
 inline __attribute__((always_inline)) void adam_dispatch2(scalar_t* p, scalar_t* g, scalar_t* m,
                                                           scalar_t* v, scalar_t* vmax, int64_t n,
                                                           const AdamScalars<opmath_t>& s) {
   if (s.amsgrad) {
-    if (s.decoupled) adam_body<scalar_t, opmath_t, true, true, UNSCALE>(p, g, m, v, vmax, n, s);
-    else adam_body<scalar_t, opmath_t, true, false, UNSCALE>(p, g, m, v, vmax, n, s);
+    if (s.decoupled) adam_body<scalar_t, opmath_t, true, true, UNSCALE, RECIP>(p, g, m, v, vmax, n, s);
+    else adam_body<scalar_t, opmath_t, true, false, UNSCALE, RECIP>(p, g, m, v, vmax, n, s);
   } else {
-    if (s.decoupled) adam_body<scalar_t, opmath_t, false, true, UNSCALE>(p, g, m, v, vmax, n, s);
-    else adam_body<scalar_t, opmath_t, false, false, UNSCALE>(p, g, m, v, vmax, n, s);
+    if (s.decoupled) adam_body<scalar_t, opmath_t, false, true, UNSCALE, RECIP>(p, g, m, v, vmax, n, s);
+    else adam_body<scalar_t, opmath_t, false, false, UNSCALE, RECIP>(p, g, m, v, vmax, n, s);
   }
 }
 
-template <typename scalar_t, typename opmath_t>
+template <typename scalar_t, typename opmath_t, bool RECIP = false>
 inline __attribute__((always_inline)) void adam_dispatch(scalar_t* p, scalar_t* g, scalar_t* m,
                                                          scalar_t* v, scalar_t* vmax, int64_t n,
                                                          const AdamScalars<opmath_t>& s) {
-  if (s.unscale) adam_dispatch2<scalar_t, opmath_t, true>(p, g, m, v, vmax, n, s);
-  else adam_dispatch2<scalar_t, opmath_t, false>(p, g, m, v, vmax, n, s);
+  if (s.unscale) adam_dispatch2<scalar_t, opmath_t, true, RECIP>(p, g, m, v, vmax, n, s);
+  else adam_dispatch2<scalar_t, opmath_t, false, RECIP>(p, g, m, v, vmax, n, s);
 }
 
 // One model's scalars at step count t (already advanced).

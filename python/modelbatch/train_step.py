@@ -99,7 +99,9 @@ class TrainStep:
             CPU with the C++ kernels, float32, no autocast, for calls whose input
             is one ``[B, I]`` / ``[N, B, I]`` tensor (other calls run the general
             step). ``True``: always (an error says why a model is not covered);
-            ``False``: never.
+            ``False``: never. With Adam / AdamW (no scaler) the update runs inside
+            the kernel too and the step is that one op, called without
+            ``torch.compile`` (whose graph would be the op alone).
 
     Gradients are not left in ``.grad``: the step hands them straight to the
     optimizer kernel. Use the eager path (``forward`` / ``compute_loss`` /
@@ -341,7 +343,12 @@ class TrainStep:
         self._refresh_hparams()
         if self._plan is not None and self._fits_fused(inputs, targets):
             if self._fused_fn is None:
-                self._fused_fn = self._compiled(self._fused_step)
+                # With Adam / AdamW the whole step is the one fused op: the graph
+                # torch.compile would build is that op alone (one graph, no breaks:
+                # tests/test_fused_mlp.py), and dynamo's guards would add 50-120 us
+                # a step, so it is called directly.
+                direct = self._fused_adam
+                self._fused_fn = self._fused_step if direct else self._compiled(self._fused_step)
             x = inputs[0] if isinstance(inputs, tuple) else inputs
             losses = self._fused_fn(x, targets, self._hp, self._buckets, self._max_norm)
         else:

@@ -215,8 +215,8 @@ class TrainStep:
             if self._device.type != "cpu" or not _backend.c_extension_loaded():
                 return None, None
             # Past 512 features the kernel's tiles (no cache blocking) lose to MKL's
-            # GEMMs in the general step: 0.7x at 1024 (1.07x at 512, 6-7x on small
-            # layers; benchmarks/results/cpu/fused_mlp.md).
+            # GEMMs in the general step: 0.41x at 1024 (1.10x at 512, 2.75x on the
+            # small MLP; benchmarks/results/cpu/fused_mlp.md).
             if self.autocast is not None or max(plan.widths) > _FUSED_MAX_WIDTH:
                 return None, None
         stacked = batch.stacked_params()

@@ -93,15 +93,17 @@ inline __attribute__((always_inline)) void adam_dispatch(scalar_t* p, scalar_t* 
   else adam_dispatch2<scalar_t, opmath_t, false, RECIP>(p, g, m, v, vmax, n, s);
 }
 
-// One model's scalars at step count t (already advanced).
+// One model's scalars at step count t (already advanced); recip: bc2_sqrt holds
+// the reciprocal, for adam_body<..., RECIP = true>.
 template <typename opmath_t>
 inline AdamScalars<opmath_t> adam_scalars(double t, double lr, double beta1, double beta2,
                                           double eps, double weight_decay, bool amsgrad,
-                                          bool decoupled, bool unscale, float inv_scale) {
+                                          bool decoupled, bool unscale, float inv_scale,
+                                          bool recip = false) {
   const double bc1 = 1.0 - std::pow(beta1, t);
   const double bc2 = 1.0 - std::pow(beta2, t);
   return {static_cast<opmath_t>(lr / bc1),
-          static_cast<opmath_t>(std::sqrt(bc2)),
+          static_cast<opmath_t>(recip ? 1.0 / std::sqrt(bc2) : std::sqrt(bc2)),
           static_cast<opmath_t>(1.0 - beta1),
           static_cast<opmath_t>(beta2),
           static_cast<opmath_t>(1.0 - beta2),

@@ -555,10 +555,10 @@ MB_INLINE void adam_model(const Problem& p, int64_t n, Scratch& s) {
   }
   if (skip) return;
   a.steps[n] += 1.0;
-  AdamScalars<float> sc =
+  const AdamScalars<float> sc =
       adam_scalars<float>(a.steps[n], a.lr[n], a.beta1[n], a.beta2[n], a.eps[n],
-                          a.weight_decay[n], a.amsgrad[n] != 0.0, a.decoupled, false, 1.0f);
-  sc.bc2_sqrt = float(1.0 / std::sqrt(1.0 - std::pow(a.beta2[n], a.steps[n])));  // RECIP
+                          a.weight_decay[n], a.amsgrad[n] != 0.0, a.decoupled, false, 1.0f,
+                          /*recip=*/true);
   for (size_t k = 0; k < a.p.size(); ++k) {
     const int64_t e = a.numel[k], o = n * e;
     adam_dispatch<float, float, true>(a.p[k] + o, g, a.m[k] + o, a.v[k] + o,

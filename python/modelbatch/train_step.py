@@ -186,6 +186,7 @@ class TrainStep:
             and len(self._buckets) == 1
             and None not in self._fused_order
         )
+        self._adam_args = None  # (buckets, the op's lists): see _fused_adam_args
         if cuda_graphs is True and not (compile and self._device.type == "cuda"):
             raise ValueError("cuda_graphs=True needs compile=True and a CUDA ModelBatch")
         use_graphs = bool(compile) and self._device.type == "cuda" and cuda_graphs is not False
@@ -262,21 +263,36 @@ class TrainStep:
                 by_param[k] = g
         return self._update(losses, by_param, hp, buckets, max_norm)
 
-    def _fused_adam_step(self, x, targets, hp, buckets, max_norm):
-        plan, opt = self._plan, self.optimizer
+    def _fused_adam_args(self, buckets):
+        """The op's parameter and state lists in its gradient order, and the plan's
+        layer constants; rebuilt only when the buckets are (amsgrad switched on)."""
+        cached = self._adam_args
+        if cached is not None and cached[0] is buckets:
+            return cached[1]
         idx, states = buckets[0]
         pos = {k: i for i, k in enumerate(idx)}
         order = self._fused_order
-        state = [[lst[pos[k]] for k in order] if lst else [] for lst in states]
+        args = (
+            [self._params[k] for k in order],
+            [[lst[pos[k]] for k in order] if lst else [] for lst in states],
+            [int(b is not None) for b in self._plan.biases],
+            list(self._plan.activations),
+        )
+        self._adam_args = (buckets, args)
+        return args
+
+    def _fused_adam_step(self, x, targets, hp, buckets, max_norm):
+        plan, opt = self._plan, self.optimizer
+        params, state, biased, activations = self._fused_adam_args(buckets)
         # no_grad: an in-place update of leaves that require grad would make the
         # compiler clone every parameter around the op.
         with torch.no_grad():
             losses = torch.ops.modelbatch.fused_mlp_adam_step(
                 x,
                 targets,
-                [self._params[k] for k in order],
-                [int(b is not None) for b in plan.biases],
-                list(plan.activations),
+                params,
+                biased,
+                activations,
                 plan.loss,
                 plan.ignore_index,
                 state[0],
